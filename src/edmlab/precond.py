@@ -1,0 +1,188 @@
+"""Preconditioning: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM eq. 7, Table 1).
+
+Each class is one row of Table 1 (plus the flow-matching row of DESIGN.md);
+`Denoiser` wraps any network F with any row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from edmlab.process import VP
+
+__all__ = ["Precond", "EDMPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond", "FMPrecond", "Denoiser",
+           "coefficients", "get", "iddpm_u", "NAMES"]
+
+Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Precond:
+    """A row of Table 1. `sigma_data` is the data std (used by the EDM row)."""
+
+    name = "none"
+    sigma_min, sigma_max = 0.0, math.inf
+
+    def __init__(self, sigma_data: float = 0.5) -> None:
+        self.sigma_data = float(sigma_data)
+
+    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
+        raise NotImplementedError
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The sigma the network can represent (identity except for iDDPM's discrete table)."""
+        return sigma
+
+
+class EDMPrecond(Precond):
+    """Table 1, "Ours": unit-variance input and training target for every sigma."""
+
+    name = "edm"
+
+    def coefficients(self, sigma):
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sd**2 + sigma**2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+
+class VPPrecond(Precond):
+    """Table 1, VP: F predicts eps; c_noise = (M-1) t(sigma)."""
+
+    name = "vp"
+
+    def __init__(self, sigma_data: float = 0.5, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000,
+                 epsilon_t: float = 1e-5):
+        super().__init__(sigma_data)
+        self.M = M
+        self.process = VP(beta_d, beta_min)
+        self.sigma_min, self.sigma_max = self.process.sigma(epsilon_t), self.process.sigma(1.0)
+
+    def coefficients(self, sigma):
+        c_skip = torch.ones_like(sigma)
+        c_out = -sigma
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        c_noise = (self.M - 1) * self.process.sigma_inv(sigma)
+        return c_skip, c_out, c_in, c_noise
+
+
+class VEPrecond(Precond):
+    """Table 1, VE: F predicts the scaled noise; c_noise = ln(sigma/2)."""
+
+    name = "ve"
+
+    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.02, sigma_max: float = 100.0):
+        super().__init__(sigma_data)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def coefficients(self, sigma):
+        c_skip = torch.ones_like(sigma)
+        c_out = sigma
+        c_in = torch.ones_like(sigma)
+        c_noise = (0.5 * sigma).log()
+        return c_skip, c_out, c_in, c_noise
+
+
+def iddpm_u(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008, dtype=torch.float64) -> torch.Tensor:
+    """iDDPM's sigma table u_0 > ... > u_M = 0 (EDM Appendix C.3.4, cosine alpha_bar)."""
+
+    def alpha_bar(j: int) -> torch.Tensor:
+        return torch.tensor(0.5 * math.pi * j / M / (C_2 + 1), dtype=dtype).sin() ** 2
+
+    u = torch.zeros(M + 1, dtype=dtype)
+    for j in range(M, 0, -1):
+        u[j - 1] = ((u[j] ** 2 + 1) / (alpha_bar(j - 1) / alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+    return u
+
+
+class IDDPMPrecond(Precond):
+    """Table 1, iDDPM: F predicts eps; c_noise is the index of the nearest table entry u_j."""
+
+    name = "iddpm"
+
+    def __init__(self, sigma_data: float = 0.5, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000):
+        super().__init__(sigma_data)
+        self.M = M
+        self.u = iddpm_u(M, C_1, C_2)
+        self.sigma_min, self.sigma_max = float(self.u[M - 1]), float(self.u[0])
+
+    def index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """argmin_j |u_j - sigma|."""
+        u = self.u.to(sigma.device)
+        return (sigma.to(torch.float64).unsqueeze(-1) - u).abs().argmin(-1)
+
+    def round_sigma(self, sigma):
+        return self.u.to(sigma.device)[self.index(sigma)].to(sigma.dtype)
+
+    def coefficients(self, sigma):
+        c_skip = torch.ones_like(sigma)
+        c_out = -sigma
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        c_noise = (self.M - 1 - self.index(sigma)).to(sigma.dtype)
+        return c_skip, c_out, c_in, c_noise
+
+
+class FMPrecond(Precond):
+    """Flow matching (DESIGN.md): F(x_t, t) predicts the velocity eps - x_0, with t = sigma/(1+sigma)."""
+
+    name = "fm"
+
+    def coefficients(self, sigma):
+        c_skip = 1 / (1 + sigma)
+        c_out = -sigma / (1 + sigma)
+        c_in = 1 / (1 + sigma)
+        c_noise = sigma / (1 + sigma)
+        return c_skip, c_out, c_in, c_noise
+
+
+_KINDS: dict[str, type[Precond]] = {c.name: c for c in (VPPrecond, VEPrecond, IDDPMPrecond, EDMPrecond, FMPrecond)}
+NAMES = tuple(_KINDS)
+
+
+def get(kind: str, **params) -> Precond:
+    """A row of Table 1 by name: "vp", "ve", "iddpm", "edm", "fm"."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown preconditioning {kind!r}; valid names: {', '.join(NAMES)}")
+    return _KINDS[kind](**params)
+
+
+def coefficients(kind: str, sigma, **params) -> Coefficients:
+    """(c_skip, c_out, c_in, c_noise) of Table 1 at sigma (float or tensor; floats computed in float64)."""
+    sigma = torch.as_tensor(sigma, dtype=None if isinstance(sigma, torch.Tensor) else torch.float64)
+    return get(kind, **params).coefficients(sigma)
+
+
+class Denoiser(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM eq. 7) around a network F.
+
+    `sigma` is a scalar or one value per batch item. The network runs in its own
+    parameter dtype; D is returned in the dtype of x (samplers keep float64 states).
+    Extra output channels of F (iDDPM's learned variance) are dropped.
+    """
+
+    def __init__(self, net: nn.Module, kind: str = "edm", sigma_data: float = 0.5, **params) -> None:
+        super().__init__()
+        self.net = net
+        self.kind = kind
+        self.precond = get(kind, sigma_data=sigma_data, **params)
+        self.precond_params = dict(sigma_data=sigma_data, **params)
+        self.sigma_data = float(sigma_data)
+        self.sigma_min, self.sigma_max = self.precond.sigma_min, self.precond.sigma_max
+        self.label_dim = int(getattr(net, "label_dim", 0))
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.precond.round_sigma(torch.as_tensor(sigma))
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        sigma = sigma.reshape(-1, *([1] * (x.ndim - 1))).expand(x.shape[0], *([1] * (x.ndim - 1)))
+        c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma)
+        dtype = next(self.net.parameters(), x).dtype
+        F_x = self.net((c_in * x).to(dtype), c_noise.flatten().to(dtype), class_labels=class_labels,
+                       augment_labels=augment_labels)
+        return c_skip * x + c_out * F_x[:, : x.shape[1]].to(x.dtype)
