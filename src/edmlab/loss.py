@@ -111,13 +111,14 @@ def denoising_loss(denoiser, images: torch.Tensor, recipe: Recipe, class_labels:
                    sigma: torch.Tensor | None = None) -> torch.Tensor:
     """Per-item lambda(sigma) ||D(y + n; sigma) - y||^2, summed over non-batch dims (EDM eq. 8).
 
-    `sigma` overrides the recipe's draw (e.g. to evaluate at a fixed noise level).
+    `sigma` overrides the recipe's draw (e.g. to evaluate at a fixed noise level); `augment_pipe(images,
+    generator=...)` returns (augmented images, augment labels) and its target is the augmented image.
     """
     n = images.shape[0]
     if sigma is None:
         sigma = recipe.sample_sigma(n, generator=generator, device=images.device)
     sigma = torch.as_tensor(sigma, dtype=images.dtype, device=images.device).expand(n)
-    y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+    y, augment_labels = augment_pipe(images, generator=generator) if augment_pipe is not None else (images, None)
     noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
     view = sigma.reshape(-1, *([1] * (y.ndim - 1)))
     extra = {} if augment_labels is None else {"augment_labels": augment_labels}

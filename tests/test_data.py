@@ -1,0 +1,458 @@
+"""edmlab.data: CIFAR-10 tarball, image folders/zips, digits, toy 2-D, EDM augmentation, datamodules."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from edmlab.data import (
+    ArrayImageDataset,
+    AugmentPipe,
+    CIFAR10Dataset,
+    DigitsDataset,
+    ImageDataModule,
+    ImageFolderDataset,
+    RestrictedUnpickler,
+    Toy2DDataset,
+    VectorDataModule,
+    open_images,
+    per_device_batch,
+    split_batch,
+)
+from edmlab.data.augment import affine_resample, rotate2d, translate2d
+
+# --------------------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+def _batch(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"batch_label": f"batch {seed}", "labels": rng.integers(0, 10, n).tolist(),
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "filenames": [f"img_{seed}_{i}.png" for i in range(n)]}
+
+
+def _write_tarball(path: Path, n: int = 6) -> dict[str, dict]:
+    """A tarball in the official layout; batch 1 pickled with protocol 2 (as the official py2 files)."""
+    batches = {f"data_batch_{i}": _batch(n, i) for i in range(1, 6)} | {"test_batch": _batch(n, 9)}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, batch in batches.items():
+            blob = pickle.dumps(batch, protocol=2 if name == "data_batch_1" else pickle.HIGHEST_PROTOCOL)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return batches
+
+
+@pytest.fixture
+def cifar(tmp_path):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    return path, _write_tarball(path)
+
+
+def test_cifar_tarball_pixels_and_labels(cifar):
+    path, batches = cifar
+    ds = CIFAR10Dataset(path.parent, md5=None)
+    data = np.concatenate([batches[f"data_batch_{i}"]["data"] for i in range(1, 6)])
+    labels = sum((batches[f"data_batch_{i}"]["labels"] for i in range(1, 6)), [])
+    assert len(ds) == 30 and ds.image_shape == (3, 32, 32) and ds.label_dim == 10
+    k, c, y, x = 13, 2, 5, 17  # official layout: 1024 R values, then G, then B, each row-major
+    image, label = ds[k]
+    assert image.dtype == torch.uint8 and image[c, y, x] == data[k, c * 1024 + y * 32 + x]
+    assert np.array_equal(ds.images.reshape(30, -1), data)
+    assert ds.raw_labels.tolist() == labels and label.argmax() == labels[k] and label.sum() == 1
+    test = CIFAR10Dataset(path, split="test", md5=None)
+    assert np.array_equal(test.images.reshape(6, -1), batches["test_batch"]["data"])
+
+
+def test_cifar_extracted_folder_matches_tarball(cifar, tmp_path):
+    path, _ = cifar
+    with tarfile.open(path) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    a, b = CIFAR10Dataset(tmp_path / "x", md5=None), CIFAR10Dataset(path, md5=None)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.raw_labels, b.raw_labels)
+
+
+def test_cifar_md5_mismatch_is_refused(cifar):
+    path, _ = cifar
+    with pytest.raises(ValueError, match="md5 .* != expected c58f30108f718f92721af3b95e74349a"):
+        CIFAR10Dataset(path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_cifar_corrupt_or_truncated_tarball_is_refused(cifar, damage):
+    path, _ = cifar
+    blob = path.read_bytes()
+    path.write_bytes(os.urandom(len(blob)) if damage == "garbage" else blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match=f"{path}.*corrupt or truncated"):
+        CIFAR10Dataset(path, md5=None)
+
+
+def test_cifar_truncated_batch_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(_batch(4, i)))
+    blob = (folder / "data_batch_3").read_bytes()
+    (folder / "data_batch_3").write_bytes(blob[:-100])
+    with pytest.raises(ValueError, match="data_batch_3: corrupt or truncated batch"):
+        CIFAR10Dataset(tmp_path)
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_cifar_tampered_batch_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        batch = _batch(4, i) | ({"batch_label": _Evil(marker)} if i == 2 else {})
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(ValueError, match=r"data_batch_2: refusing to load global '(posix|os)\.system'"):
+        CIFAR10Dataset(tmp_path)
+    assert not marker.exists()
+    # Any global outside the allowlist is refused before it is called.
+    with pytest.raises(pickle.UnpicklingError, match="builtins.eval"):
+        RestrictedUnpickler(io.BytesIO(pickle.dumps(eval))).load()
+
+
+def test_cifar_missing_names_expected_file_and_fails_fast(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-python\.tar\.gz \(md5 c58f3.*cifar-10-batches-py"):
+        CIFAR10Dataset(tmp_path)
+    t0 = time.monotonic()  # a refused connection: the download attempt gives up at once with the same help
+    with pytest.raises(FileNotFoundError, match=f"put it at {tmp_path / 'cifar-10-python.tar.gz'}"):
+        CIFAR10Dataset(tmp_path, download=True, url="http://127.0.0.1:9/cifar-10-python.tar.gz", timeout=2)
+    assert time.monotonic() - t0 < 5 and os.listdir(tmp_path) == []
+
+
+def test_cifar_download_is_md5_checked_and_atomic(cifar, tmp_path):
+    src, _ = cifar
+    md5 = hashlib.md5(src.read_bytes()).hexdigest()
+    dest = tmp_path / "dl"
+    with pytest.raises(FileNotFoundError, match="md5 .* does not match the expected c58f30108f718f92721af3b95e74349a"):
+        CIFAR10Dataset(dest, download=True, url=src.as_uri())  # official md5 expected: refused, nothing left
+    assert os.listdir(dest) == []
+    ds = CIFAR10Dataset(dest, download=True, url=src.as_uri(), md5=md5)
+    assert len(ds) == 30 and os.listdir(dest) == ["cifar-10-python.tar.gz"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Image folder / zip
+
+
+def _images(n: int, shape=(8, 8, 3), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+
+
+def _write_folder(root: Path, names: list[str], images: list[np.ndarray], labels=None) -> None:
+    for name, im in zip(names, images, strict=True):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(im.squeeze()).save(root / name)
+    if labels is not None:
+        (root / "dataset.json").write_text(json.dumps({"labels": labels}))
+
+
+def _zip(root: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                z.write(p, p.relative_to(root).as_posix())
+    return dest
+
+
+def test_folder_and_zip_with_labels(tmp_path):
+    names = ["b/img2.png", "a/img1.png", "a/img0.png"]  # loader order is sorted: a/img0, a/img1, b/img2
+    images = _images(3)
+    _write_folder(tmp_path / "d", names, images, labels=[[n, i + 2] for i, n in enumerate(names)])
+    for ds in (ImageFolderDataset(tmp_path / "d"), ImageFolderDataset(_zip(tmp_path / "d", tmp_path / "d.zip"))):
+        assert ds.names == ["a/img0.png", "a/img1.png", "b/img2.png"]
+        assert ds.image_shape == (3, 8, 8) and ds.label_dim == 5  # max label 4 -> 5 classes
+        image, label = ds[0]
+        assert torch.equal(image, torch.from_numpy(images[2].transpose(2, 0, 1)))
+        assert label.tolist() == [0, 0, 0, 0, 1]
+        assert ds.raw_labels.tolist() == [4, 3, 2]
+
+
+def test_folder_grayscale_and_vector_labels(tmp_path):
+    images = _images(2, shape=(4, 6, 1))
+    _write_folder(tmp_path, ["x.png", "y.png"], images, labels=[["x.png", [0.5, 1]], ["y.png", [2, -1.5]]])
+    ds = open_images(tmp_path)
+    image, label = ds[1]
+    assert image.shape == (1, 4, 6) and torch.equal(image[0], torch.from_numpy(images[1][..., 0]))
+    assert ds.label_dim == 2 and label.tolist() == [2.0, -1.5]
+
+
+def test_folder_errors_name_the_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="empty: no images found"):
+        ImageFolderDataset(tmp_path / "empty")
+
+    _write_folder(tmp_path / "mixed", ["a.png"], _images(1, (8, 8, 3)))
+    _write_folder(tmp_path / "mixed", ["b.png"], _images(1, (8, 8, 1)))
+    _write_folder(tmp_path / "mixed", ["c.png"], _images(1, (16, 16, 3)))
+    with pytest.raises(ValueError, match=r"'a.png' is 3x8x8 \(CxHxW\) but 'b.png' is 1x8x8"):
+        ImageFolderDataset(tmp_path / "mixed")
+
+    _write_folder(tmp_path / "lab", ["a.png", "b.png"], _images(2), labels=[["a.png", 1]])
+    with pytest.raises(ValueError, match=r"lab/dataset.json: no label for 1 of 2 images, e.g. 'b.png'"):
+        ImageFolderDataset(tmp_path / "lab")
+    (tmp_path / "lab" / "dataset.json").write_text(json.dumps({"labels": [["a.png", 1], ["b.png", "cat"]]}))
+    with pytest.raises(ValueError, match=r"lab/dataset.json: labels entry 1 \('b.png'\) has label \"cat\""):
+        ImageFolderDataset(tmp_path / "lab")
+    (tmp_path / "lab" / "dataset.json").write_text(json.dumps({"labels": [["a.png", 1], ["b.png"]]}))
+    with pytest.raises(ValueError, match=r"dataset.json: labels entry 1 .* is not \[relpath, label\]"):
+        ImageFolderDataset(tmp_path / "lab")
+    (tmp_path / "lab" / "dataset.json").write_text("{not json")
+    with pytest.raises(ValueError, match="dataset.json: not valid JSON"):
+        ImageFolderDataset(tmp_path / "lab")
+
+
+def test_open_images_npz(tmp_path):
+    images = np.stack(_images(3, (8, 8, 3)))
+    np.savez(tmp_path / "x.npz", images=images)
+    ds = open_images(tmp_path / "x.npz")
+    assert len(ds) == 3 and torch.equal(ds[1][0], torch.from_numpy(images[1].transpose(2, 0, 1)))
+    assert ds[1][1].shape == (0,)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Digits, toy 2-D
+
+
+def test_digits():
+    from sklearn.datasets import load_digits
+
+    ds = DigitsDataset()
+    ref = load_digits()
+    assert ds.images.shape == (1797, 1, 8, 8) and ds.images.dtype == np.uint8
+    assert ds.images.min() == 0 and ds.images.max() == 255 and ds.label_dim == 10
+    assert np.array_equal(ds.images[5, 0], np.rint(ref.images[5] * 255 / 16).astype(np.uint8))
+    assert ds.raw_labels.tolist() == ref.target.tolist()
+
+
+def test_toy2d_mixture_law():
+    ds = Toy2DDataset("gmm", n=20000, seed=3)
+    assert ds.points.shape == (20000, 2) and ds.points.dtype == np.float32 and ds.label_dim == 3
+    frac = np.bincount(ds.raw_labels, minlength=3) / len(ds)
+    assert np.abs(frac - [0.5, 0.25, 0.25]).max() < 4 * math.sqrt(0.25 / 20000) * 2
+    means = np.stack([ds.points[ds.raw_labels == k].mean(0) for k in range(3)])
+    assert np.abs(means - ds.mixture().means.numpy()).max() < 0.01
+    assert np.array_equal(Toy2DDataset("gmm", n=50, seed=3).points, Toy2DDataset("gmm", n=50, seed=3).points)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def test_augment_p0_is_identity():
+    x = torch.rand(16, 3, 8, 8) * 2 - 1
+    y, labels = AugmentPipe(p=0)(x)
+    assert torch.equal(y, x) and torch.equal(labels, torch.zeros(16, 9))
+    assert AugmentPipe().augment_dim == 9
+
+
+def test_augment_xflip_fires_half_the_time_and_labels_it():
+    x = torch.rand(4000, 1, 4, 4)
+    pipe = AugmentPipe(p=0.12, yflip=0, scale=0, rotate_frac=0, aniso=0, translate_frac=0)
+    y, labels = pipe(x, generator=torch.Generator().manual_seed(0))
+    flipped = labels[:, 0] == 1
+    assert labels.shape == (4000, 1) and abs(flipped.float().mean() - 0.5) < 4 * math.sqrt(0.25 / 4000)
+    assert torch.equal(y[flipped], x[flipped].flip(3)) and torch.equal(y[~flipped], x[~flipped])
+
+
+def test_augment_label_layout():
+    """9-d layout [xflip, yflip, scale, cos-1, sin, aniso w cos r, w sin r, tx, ty] on the default pipe."""
+    x = torch.rand(3000, 2, 8, 8)
+    y, labels = AugmentPipe(p=0.12)(x, generator=torch.Generator().manual_seed(1))
+    geometric = (labels[:, 2:] != 0).any(1)
+    pure_x = (labels[:, 0] == 1) & (labels[:, 1] == 0) & ~geometric
+    none = (labels == 0).all(1)
+    assert pure_x.sum() > 100 and none.sum() > 100
+    assert torch.equal(y[pure_x], x[pure_x].flip(3)) and torch.equal(y[none], x[none])
+    rot = labels[:, 3:5]  # (cos w - 1, sin w) lies on the unit circle shifted by (-1, 0)
+    assert torch.allclose((rot[:, 0] + 1) ** 2 + rot[:, 1] ** 2, torch.ones(3000), atol=1e-5)
+    # each geometric transform fires with p = 0.12
+    for cols in ([2], [3, 4], [5, 6], [7, 8]):
+        rate = (labels[:, cols] != 0).any(1).float().mean()
+        assert abs(rate - 0.12) < 4 * math.sqrt(0.12 * 0.88 / 3000), (cols, rate)
+
+
+def _blob(centre: tuple[float, float], size: int = 32) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size.__float__()), torch.arange(size.__float__()), indexing="ij")
+    c = (size - 1) / 2
+    return torch.exp(-((xx - c - centre[0]) ** 2 + (yy - c - centre[1]) ** 2) / (2 * 1.5**2))[None, None]
+
+
+def _centroid(img: torch.Tensor, radius: float = 11) -> torch.Tensor:
+    """Centre of mass within `radius` of the centre (beyond it reflect padding shows mirrored blobs)."""
+    c = torch.arange(float(img.shape[-1])) - (img.shape[-1] - 1) / 2
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    w = img[0, 0] * (xx**2 + yy**2 < radius**2)
+    return torch.stack([(w * xx).sum(), (w * yy).sum()]) / w.sum()
+
+
+def test_augment_translation_and_rotation_match_their_labels():
+    g = torch.Generator().manual_seed(2)
+    shift = AugmentPipe(p=1, xflip=0, yflip=0, scale=0, rotate_frac=0, aniso=0, translate_frac=1)
+    rotate = AugmentPipe(p=1, xflip=0, yflip=0, scale=0, rotate_frac=1, aniso=0, translate_frac=0)
+    for _ in range(5):
+        x = _blob((0, 0)).expand(1, 1, 32, 32)
+        y, labels = shift(x, generator=g)
+        t = labels[0] * 32 * 0.125  # content moves by +t pixels
+        if t.abs().max() < 5:
+            assert torch.allclose(_centroid(y), t, atol=0.02)
+        y, labels = rotate(_blob((6, 0)), generator=g)
+        w = torch.atan2(labels[0, 1], labels[0, 0] + 1)  # content turns by -w (G_inv = R(w))
+        assert torch.allclose(_centroid(y), 6 * torch.stack([w.cos(), -w.sin()]), atol=0.02)
+
+
+def test_affine_resample_identity_and_integer_shift_are_exact():
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(affine_resample(x, torch.eye(3).expand(2, 3, 3)), x, atol=1e-5)
+    y = affine_resample(x, translate2d(torch.full((2,), -2.0), torch.zeros(2)))
+    assert torch.allclose(y[..., 2:], x[..., :-2], atol=1e-5)
+    assert torch.allclose(y[..., :2], x[..., [2, 1]], atol=1e-5)  # reflect padding at the border
+    u = torch.linspace(-1, 1, 32)
+    smooth = (torch.sin(2 * u) * torch.cos(1.5 * u[:, None]) + u / 2).expand(1, 1, 32, 32)
+    y = affine_resample(smooth, rotate2d(torch.tensor([math.pi / 2])))
+    err = (y - smooth.rot90(1, (2, 3))).abs()[0, 0]  # not exact: sym6 is only near-symmetric
+    assert err.max() < 0.01 and err[4:-4, 4:-4].max() < 1e-3
+
+
+# --------------------------------------------------------------------------------------------------------
+# DataModules
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Item i is the vector [i]: batches reveal the data order."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i)]), torch.zeros(0)
+
+
+def _fake_trainer(world_size=1, accumulate=1, rank=0, step=0):
+    return SimpleNamespace(world_size=world_size, accumulate_grad_batches=accumulate, global_rank=rank,
+                           global_step=step)
+
+
+def _take(dm, n: int) -> list[list[int]]:
+    it = iter(dm.train_dataloader())
+    return [next(it)[0][:, 0].long().tolist() for _ in range(n)]
+
+
+def test_per_device_batch_derivation():
+    dm = VectorDataModule(_Indexed(10), batch_size=512)
+    dm.trainer = _fake_trainer(world_size=4, accumulate=2)
+    dm.setup("fit")
+    assert dm.batch_size_per_device == 64 and len(_take(dm, 1)[0]) == 64
+    dm = VectorDataModule(_Indexed(10), batch_size=500)
+    dm.trainer = _fake_trainer(world_size=8)
+    with pytest.raises(ValueError, match="batch_size 500 is not divisible by world_size 8"):
+        dm.setup("fit")
+    assert split_batch(512, 8, max_per_device=32) == (32, 2) and per_device_batch(512, 2, 4) == 64
+
+
+def test_ranks_shard_one_global_order():
+    n = 12
+    single = VectorDataModule(_Indexed(n), batch_size=4, seed=5)
+    ref = sum(_take(single, 6), [])  # 24 positions = two passes
+    assert sorted(ref[:n]) == list(range(n)) and sorted(ref[n:]) == list(range(n)) and ref[:n] != ref[n:]
+    shards = []
+    for rank in range(2):
+        dm = VectorDataModule(_Indexed(n), batch_size=4, seed=5)
+        dm.trainer = _fake_trainer(world_size=2, rank=rank)
+        shards.append(sum(_take(dm, 6), []))
+    assert [shards[g % 2][g // 2] for g in range(24)] == ref  # rank r holds global positions p W + r
+
+
+def test_workers_keep_the_order():
+    base = VectorDataModule(_Indexed(50), batch_size=5, seed=1)
+    workers = VectorDataModule(_Indexed(50), batch_size=5, seed=1, num_workers=2)
+    assert _take(workers, 7) == _take(base, 7)
+
+
+def test_state_dict_restores_position():
+    dm = VectorDataModule(_Indexed(30), batch_size=8, seed=2)
+    dm.trainer = _fake_trainer(accumulate=2)
+    expected = _take(dm, 10)[6:]  # 3 optimizer steps x 2 micro-batches consumed
+    dm.trainer.global_step = 3
+    state = dm.state_dict()
+    assert state["images"] == 24
+    resumed = VectorDataModule(_Indexed(30), batch_size=8, seed=2)
+    resumed.trainer = _fake_trainer(accumulate=2, step=3)
+    resumed.load_state_dict(state)
+    assert _take(resumed, 4) == expected
+
+
+def test_image_batches_are_scaled_with_onehot_labels():
+    images = np.arange(2 * 1 * 2 * 2, dtype=np.uint8).reshape(2, 1, 2, 2) * 17
+    dm = ImageDataModule(ArrayImageDataset(images, np.array([0, 2])), batch_size=4, xflip=True)
+    x, labels = next(iter(dm.train_dataloader()))
+    assert x.dtype == torch.float32 and dm.img_resolution == 2 and dm.img_channels == 1 and dm.label_dim == 3
+    expected = {tuple((torch.from_numpy(im).float() / 127.5 - 1).flatten().tolist()) for im in images}
+    expected |= {tuple((torch.from_numpy(im).flip(-1).float() / 127.5 - 1).flatten().tolist()) for im in images}
+    assert {tuple(v.flatten().tolist()) for v in x} == expected  # one pass over the xflip-doubled data
+    assert labels.shape == (4, 3) and labels.sum(1).tolist() == [1] * 4
+    dm = ImageDataModule(ArrayImageDataset(images, np.array([0, 2])), batch_size=2, use_labels=False)
+    assert next(iter(dm.train_dataloader()))[1] is None and dm.label_dim == 0
+
+
+class _Recorder(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[0][:, 0].long().tolist())
+        return ((batch[0] - self.w) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _fit(max_steps: int, ckpt_path=None, save=None) -> list[list[int]]:
+    model, dm = _Recorder(), VectorDataModule(_Indexed(37), batch_size=6, seed=4)
+    trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    if save:
+        trainer.save_checkpoint(save)
+    return model.seen
+
+
+def test_lightning_resume_sees_the_same_batches(tmp_path):
+    full = _fit(5)
+    first = _fit(2, save=tmp_path / "a.ckpt")
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True)["VectorDataModule"]["images"] == 12
+    second = _fit(5, ckpt_path=tmp_path / "a.ckpt")
+    assert len(full) == 10 and first + second == full
