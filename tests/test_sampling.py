@@ -208,3 +208,16 @@ def test_module_import_is_torch_only():
     import edmlab.sampling as s
 
     assert "lightning" not in s.__dict__ and sampling.SOLVERS
+
+
+def test_repeated_levels_are_safe():
+    with pytest.raises(ValueError, match="table entries"):
+        sigma_steps("iddpm", 1000)
+
+    class Snapped(analytic.Gaussian):
+        def round_sigma(self, sigma):  # a coarse table: many EDM steps snap to the same level
+            return torch.as_tensor(sigma).log2().round().exp2()
+
+    data = Snapped(C, 2)
+    x = sample(data, torch.randn(3, 2, dtype=torch.float64), solver="dpmpp_2m", num_steps=64)
+    assert torch.isfinite(x).all()

@@ -64,6 +64,9 @@ def sigma_steps(discretization: str, num_steps: int, *, sigma_min: float | None 
     elif discretization == "iddpm":  # iDDPM's table, evenly strided
         u = iddpm_u(M, C_1, C_2)
         u = u[(u >= sigma_min) & (u <= sigma_max)]
+        if num_steps > len(u):
+            raise ValueError(f"the iddpm discretization has {len(u)} table entries in [{sigma_min:g}, {sigma_max:g}];"
+                             f" num_steps={num_steps} would repeat steps")
         sigmas = u[((len(u) - 1) * i + 0.5).floor().long()]
     else:  # uniform in the process's own t
         t0, t1 = proc.sigma_inv(sigma_max), proc.sigma_inv(sigma_min)
@@ -138,6 +141,8 @@ def _dpmpp_2m(D, x_hat, sigmas, noise):
             x_hat = x0
             break
         h = (sigma / sigma_next).log()
+        if h == 0:  # a repeated level (e.g. snapped by round_sigma) is no step
+            continue
         x0_mix = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)
         x_hat = sigma_next / sigma * x_hat - torch.expm1(-h) * x0_mix
         x0_prev, h_prev = x0, h
