@@ -2,6 +2,7 @@
 PYTHON ?= python3
 TORCH  ?= 2.13.0
 PIP     = $(PYTHON) -m pip install --disable-pip-version-check -q
+DOCKER_CUDA ?= 12.8
 
 .PHONY: install demo test test-slow lint bench docker
 
@@ -9,7 +10,7 @@ install:  ## torch pinned in the same pip call as everything else (never an unpi
 	$(PIP) "torch==$(TORCH)" -e ".[dev,cluster]"
 
 demo: install  ## the main job on the embedded default: no download
-	$(PYTHON) scripts/demo_processes.py --out outputs/processes.png
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PYTHON) train.py
 
 test: install
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q -m "not slow"
@@ -22,3 +23,7 @@ lint:
 
 bench: install
 	$(PYTHON) benchmarks/solvers.py
+	$(PYTHON) benchmarks/digits_demo.py
+
+docker:  ## CUDA image of the same torch pin (needs a Docker engine); `docker run --rm edmlab:$(TORCH)` = train.py --help
+	docker build --build-arg TORCH=$(TORCH) --build-arg CUDA=$(DOCKER_CUDA) -t edmlab:$(TORCH) .

@@ -1,6 +1,9 @@
-"""Generate images from a checkpoint: `python sample.py ckpt=...` (lands with the sampling issue)."""
+"""Generate images from a checkpoint, one per seed as EDM does: `python sample.py ckpt=PATH seeds=0-49999`.
 
-import sys
+Configuration: configs/sample.yaml (Hydra); `python sample.py --help` lists the options and groups.
+"""
+
+from edmlab.cli.sample import main
 
 if __name__ == "__main__":
-    sys.exit("sample.py: not implemented yet; `edmlab.sampling.sample` is the library API meanwhile.")
+    main()

@@ -1,6 +1,9 @@
-"""Train an EDM denoiser: `python train.py experiment=cifar_edm` (lands with the training issue)."""
+"""Train an EDM denoiser: `python train.py` (the digits demo, CPU) or `python train.py experiment=cifar_edm`.
 
-import sys
+Configuration: configs/train.yaml (Hydra); see `python train.py --help` for the groups and their options.
+"""
+
+from edmlab.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit("train.py: training is not implemented yet; run `python scripts/demo_processes.py` for the core demo.")
+    main()

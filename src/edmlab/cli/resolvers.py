@@ -1,0 +1,75 @@
+"""OmegaConf resolvers used by configs/: run folders shared by all ranks, durations in kimg, the repo root."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+__all__ = ["register", "run_stamp", "global_rank", "steps_for_kimg", "repo_root"]
+
+
+def repo_root() -> str:
+    """$EDMLAB_ROOT, else the checkout holding configs/ (editable install), else the working directory."""
+    if os.environ.get("EDMLAB_ROOT"):
+        return os.environ["EDMLAB_ROOT"]
+    root = Path(__file__).resolve().parents[3]
+    return str(root if (root / "configs").is_dir() else Path.cwd())
+
+
+def global_rank() -> int:
+    """This process's rank as set by the launcher (torchrun, SLURM srun, Lightning), 0 if none."""
+    for var in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def run_stamp() -> str:
+    """The run-folder name, identical on every rank and node of one job.
+
+    $EDMLAB_RUN_STAMP, else the SLURM job/step (srun launches every rank; a requeued job
+    gets its folder back), else the torchrun rendezvous id, else the start time.
+    """
+    if os.environ.get("EDMLAB_RUN_STAMP"):
+        return os.environ["EDMLAB_RUN_STAMP"]
+    job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
+    if job and step is not None:
+        array = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"_{array}" if array else "") + f"-{step}"
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID")
+    if rdzv and rdzv != "none":
+        return f"torchrun-{rdzv}"
+    return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def steps_for_kimg(kimg: float, batch_size: int) -> int:
+    """Optimizer steps that train on `kimg` thousand images at this global batch size."""
+    return max(1, math.ceil(float(kimg) * 1000 / int(batch_size)))
+
+
+def _job_name(default: str) -> str:
+    """Hydra's job (log file) name: rank > 0 processes started by srun/torchrun log to their own file."""
+    rank = global_rank()
+    return default if rank == 0 else f"{default}_rank{rank}"
+
+
+def _output_subdir(default: str) -> str | None:
+    """Only rank 0 writes the .hydra/ folder (all ranks share one run folder)."""
+    return default if global_rank() == 0 else None
+
+
+def register() -> None:
+    """Register the edmlab.* resolvers (idempotent)."""
+    for name, fn in (("edmlab.root", repo_root), ("edmlab.run_stamp", run_stamp),
+                     ("edmlab.steps", steps_for_kimg), ("edmlab.job_name", _job_name),
+                     ("edmlab.output_subdir", _output_subdir),
+                     ("edmlab.basename", lambda path: Path(str(path)).name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+    from edmlab.cluster import register_resolvers as register_cluster_resolvers
+
+    register_cluster_resolvers()  # edmlab.slurm_* / edmlab.local_gpus of configs/hydra/launcher/

@@ -1,0 +1,100 @@
+"""`python sample.py ckpt=...`: compose configs/sample.yaml, load any checkpoint kind, generate this rank's seeds."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from edmlab.cli.resolvers import register, repo_root
+from edmlab.generate import (
+    GenerateResult,
+    distributed_env,
+    generate,
+    load_denoiser_any,
+    parse_seeds,
+    resolve_checkpoint,
+)
+
+__all__ = ["main", "run", "resolve_device", "ckpt_name", "CONFIG_DIR"]
+
+log = logging.getLogger("edmlab.sample")
+
+SHORTCUTS = ("solver", "num_steps", "discretization")
+
+
+def ckpt_name(path: str) -> str:
+    """A folder name for a checkpoint's samples: <run folder>-<file stem> for .../<run>/checkpoints/<file>."""
+    p = Path(str(path))
+    if p.suffix == "" and not p.name.startswith("network-snapshot"):  # a run folder
+        return p.name or "samples"
+    parent = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return f"{parent.name}-{p.stem}" if parent.name not in ("", ".") else p.stem
+
+
+register()
+if not OmegaConf.has_resolver("edmlab.ckpt_name"):
+    OmegaConf.register_new_resolver("edmlab.ckpt_name", ckpt_name)
+CONFIG_DIR = str(Path(repo_root()) / "configs")
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: this local rank's GPU when CUDA is there, else the CPU; cuda: this local rank's GPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={name}, but CUDA is not available here; use device=cpu or device=auto")
+        device = torch.device(name if ":" in name else f"cuda:{local_rank % torch.cuda.device_count()}")
+        torch.cuda.set_device(device)
+        return device
+    return torch.device(name)
+
+
+def _sampler_config(cfg: DictConfig) -> DictConfig:
+    """cfg.sampler with the top-level shortcuts (solver, num_steps, discretization) applied."""
+    sampler = cfg.sampler.copy()
+    with open_dict(sampler):
+        for key in SHORTCUTS:
+            if cfg.get(key) is not None:
+                sampler[key] = cfg[key]
+    return sampler
+
+
+def run(cfg: DictConfig) -> GenerateResult:
+    """Everything `python sample.py` does, given a composed config."""
+    from hydra.utils import instantiate
+
+    rank, world_size = distributed_env()
+    device = resolve_device(str(cfg.device))
+    seeds = parse_seeds(OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds)
+    denoiser = load_denoiser_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device)
+    sampler_cfg = _sampler_config(cfg)
+    sampler = instantiate(sampler_cfg)
+    shape = list(cfg.shape) if cfg.get("shape") is not None else None
+    class_labels: Any = cfg.class_labels
+    # What fixes the pixels: a resumed run must agree (batch size, ranks and format do not change them).
+    solver = {k: v for k, v in OmegaConf.to_container(sampler_cfg, resolve=True).items() if not k.startswith("_")}
+    settings = {"ckpt": str(resolve_checkpoint(cfg.ckpt).resolve()), "use_ema": bool(cfg.use_ema),
+                "sampler": solver, "class_labels": class_labels, "device_type": device.type, "shape": shape}
+    if rank == 0:
+        log.info(f"{cfg.ckpt}: {type(denoiser.net).__name__}, precond {denoiser.kind}, label_dim "
+                 f"{denoiser.label_dim}; {len(seeds)} seed(s) on {world_size} process(es), {device}; {solver}")
+    return generate(denoiser, seeds, cfg.outdir, sampler, batch_size=int(cfg.batch_size), class_labels=class_labels,
+                    format=str(cfg.format), grid=bool(cfg.grid), device=device, shape=shape, rank=rank,
+                    world_size=world_size, settings=settings, progress=bool(cfg.progress))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""`python train.py [overrides]`: compose configs/train.yaml, build data, denoiser, loss and trainer, fit.
+
+Objects come from the config by `_target_`: the data module, the network
+(`edmlab.networks.build`, partial; its data-dependent sizes are filled in here),
+the preconditioning (`edmlab.precond.Denoiser`, partial), the loss recipe, the
+optimizer (partial), loggers and callbacks. Resuming (`ckpt_path=last`, a run
+folder or a file) restores everything the checkpoint holds and continues the
+wandb run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from edmlab.cli.resolvers import global_rank, register, repo_root
+
+__all__ = ["main", "train", "build_model", "CONFIG_DIR"]
+
+log = logging.getLogger("edmlab.train")
+
+register()
+CONFIG_DIR = str(Path(repo_root()) / "configs")
+_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")  # set by Lightning
+
+
+def _data_shape(datamodule) -> tuple[list[int], int, int]:
+    """(shape of one item, img_resolution, img_channels) for networks.build; vectors are [d] with res 1."""
+    if hasattr(datamodule, "image_shape"):
+        c, h, w = datamodule.image_shape
+        if h != w:
+            raise ValueError(f"data: images are {h}x{w}; the networks need square images")
+        return [c, h, w], h, c
+    if hasattr(datamodule, "dim"):
+        return [int(datamodule.dim)], 1, int(datamodule.dim)
+    raise TypeError(f"data: {type(datamodule).__name__} has neither image_shape nor dim; "
+                    "use edmlab.data.ImageDataModule or VectorDataModule")
+
+
+def build_model(cfg: DictConfig, datamodule=None, run_config: dict | None = None):
+    """(datamodule, EDMModule) from a composed config."""
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data) if datamodule is None else datamodule
+    augment_pipe = instantiate(cfg.model.augment_pipe) if cfg.model.get("augment_pipe") else None
+    data_shape, resolution, channels = _data_shape(datamodule)
+    if augment_pipe is not None and len(data_shape) != 3:
+        raise ValueError("model.augment_pipe: augmentation needs images; set model.augment_pipe=null for "
+                         "vector data")
+    augment_dim = augment_pipe.augment_dim if augment_pipe is not None else 0
+    build_kwargs: dict[str, Any] = dict(img_resolution=resolution, img_channels=channels,
+                                        label_dim=int(datamodule.label_dim), augment_dim=augment_dim)
+    if cfg.precond.get("kind") == "iddpm" and "out_channels" not in cfg.network:
+        build_kwargs["out_channels"] = 2 * channels  # iDDPM's network also predicts a variance
+    net = instantiate(cfg.network)(**build_kwargs)
+    denoiser = instantiate(cfg.precond)(net)
+    recipe = instantiate(cfg.loss)
+    model = instantiate(cfg.model, denoiser=denoiser, recipe=recipe, augment_pipe=augment_pipe,
+                        data_shape=data_shape, _convert_="all")
+    model.run_config = run_config  # not through instantiate: it would build the _target_s inside it
+    return datamodule, model
+
+
+def _instantiate_all(section: DictConfig | None, what: str, **extra) -> list:
+    from hydra.utils import instantiate
+
+    out = []
+    for name, node in (section or {}).items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            kwargs = {k: v for k, v in extra.get(name, {}).items() if v is not None}
+            out.append(instantiate(node, **kwargs))
+        elif node is not None:
+            raise ValueError(f"{what}.{name}: expected a config with _target_, got {node!r}")
+    return out
+
+
+def _make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from edmlab.cluster import cluster_environment
+
+    extra = {}
+    environment = cluster_environment()  # torchrun inside Slurm, Slurm without Lightning's own requeue
+    if environment is not None and not cfg.trainer.get("plugins"):
+        extra["plugins"] = [environment]
+    try:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    except InstantiationException as e:
+        if "gpu" in str(e).lower() and not torch.cuda.is_available():
+            accelerator = cfg.trainer.get("accelerator")
+            raise RuntimeError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: add "
+                               "trainer=cpu (or trainer=ddp_cpu) to the command line") from e
+        raise
+
+
+def _share_run_dir_with_ranks(output_dir: Path) -> None:
+    """Lightning relaunches this script for ranks > 0 with hydra.run.dir; make it this run's folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    with read_write(hydra_cfg), read_write(hydra_cfg.hydra), read_write(hydra_cfg.hydra.run):
+        hydra_cfg.hydra.run.dir = str(output_dir)  # a multirun job's folder is not run.dir otherwise
+    if hydra_cfg.hydra.mode == RunMode.MULTIRUN:  # the children must run this job, not the whole sweep
+        sys.argv = [sys.argv[0], *hydra_cfg.hydra.overrides.task]
+
+
+def _apply_extras(cfg: DictConfig) -> None:
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("allow_tf32") is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(extras.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = bool(extras.allow_tf32)
+    if extras.get("cudnn_benchmark") is not None:
+        torch.backends.cudnn.benchmark = bool(extras.cudnn_benchmark)
+    if extras.get("print_config") and global_rank() == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        from rich.console import Console
+        from rich.syntax import Syntax
+
+        Console(stderr=True).print(Syntax(OmegaConf.to_yaml(cfg, resolve=False), "yaml", theme="ansi_dark"))
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit as the config says; returns the final metrics and the paths written."""
+    from hydra.utils import instantiate
+
+    from edmlab.training.module import CHECKPOINT_KEY
+    from edmlab.training.resume import check_compatible, resolve_ckpt_path
+    from edmlab.training.samples import draw_samples
+
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _share_run_dir_with_ranks(output_dir)
+    _apply_extras(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # same initial weights on every rank
+
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs",
+                                  output_dir)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    datamodule, model = build_model(cfg, run_config=run_config)
+
+    wandb_id = None
+    if ckpt_path is not None:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        if CHECKPOINT_KEY not in checkpoint:
+            raise ValueError(f"ckpt_path={ckpt_path}: not a checkpoint of `python train.py` "
+                             "(no 'edmlab' entry)")
+        check_compatible(checkpoint, model)  # before Lightning touches it: a clear reason, no traceback maze
+        wandb_id = checkpoint[CHECKPOINT_KEY].get("wandb_run_id")
+        log.info(f"resuming from {ckpt_path} (step {checkpoint.get('global_step')}, wandb run {wandb_id})")
+        del checkpoint
+
+    loggers = _instantiate_all(cfg.get("logger"), "logger", wandb={"id": wandb_id})
+    callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks")
+    trainer = _make_trainer(cfg, callbacks, loggers)
+    if trainer.is_global_zero:
+        for logger in loggers:
+            if type(logger).__name__ == "WandbLogger":  # its id goes into checkpoints: a resume continues it
+                model.wandb_run_id = getattr(logger.experiment, "id", None)
+            logger.log_hyperparams(run_config)
+
+    launcher_env = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                    weights_only=True if ckpt_path else None)
+    finally:
+        # the next job of a sweep in this process must start its own ranks: Lightning's launcher reads
+        # LOCAL_RANK & co. as "processes are created externally", and the old process group is dead
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in launcher_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    result["output_dir"] = str(output_dir)
+    stopped = any(getattr(c, "stopped_by_signal", None) for c in callbacks)
+    if trainer.is_global_zero and not stopped:
+        result.update(_final_losses(model, datamodule))
+    if trainer.is_global_zero and not stopped and cfg.get("final_samples"):
+        spec = cfg.final_samples
+        image = draw_samples(model, instantiate(cfg.sampler), per_class=spec.per_class,
+                             num_unconditional=spec.num_unconditional, seed=spec.seed, scale=spec.scale)
+        from edmlab.training.grid import save_png
+
+        path = save_png(image, output_dir / "samples.png")
+        result["samples"] = str(path)
+        print(f"samples ({'one row per class' if model.label_dim else 'unconditional'}): {path}", flush=True)
+        print(f"run folder: {output_dir}", flush=True)
+    return result
+
+
+def _final_losses(model, datamodule, num_images: int = 1024) -> dict[str, float]:
+    """EDM's loss of the EMA and the raw weights on a fixed subset of the data with fixed draws."""
+    from edmlab.training.module import reference_loss
+
+    dataset = datamodule.dataset
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(dataset), generator=generator)[:num_images].tolist()
+    images, labels = datamodule.collate([dataset[i] for i in idx])
+    images = images.to(model.device)
+    labels = labels.to(model.device) if labels is not None and model.label_dim else None
+    return {"final/ema_loss": reference_loss(model.ema.module, images, labels),
+            "final/loss": reference_loss(model.denoiser.eval(), images, labels)}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Train; returns cfg.optimized_metric of the final metrics (what Hydra's sweepers minimise)."""
+    result = train(cfg)
+    metric = cfg.get("optimized_metric")
+    if not metric:
+        return None
+    if metric not in result:
+        raise KeyError(f"optimized_metric={metric!r} is not among the final metrics: "
+                       f"{', '.join(sorted(result))}")
+    return float(result[metric])
+
+
+if __name__ == "__main__":
+    main()

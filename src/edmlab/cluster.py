@@ -1,0 +1,225 @@
+"""Clusters: Slurm job ids, requeue on the time-limit signal, the launcher in charge, GPUs per node.
+
+Slurm sends `--signal=USR1@<s>` seconds before a job's time limit. `edmlab.training.Checkpoint`
+saves `last.ckpt` at the next step boundary (all ranks agree) and stops; `Requeue` then runs
+`scontrol requeue <job>` from global rank 0 and every rank exits with `EXIT_REQUEUED`. The requeued
+job keeps its job id, so it gets its run folder back (`edmlab.run_stamp`; under the submitit
+launcher the pickled sweep config holds the folder) and resumes from the checkpoint in it.
+`$EDMLAB_REQUEUE_CMD` replaces `scontrol requeue` (tests, other schedulers); the job id is appended.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal as signal_module
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["EXIT_REQUEUED", "REQUEUE_CMD_ENV", "Requeue", "LaunchInfo", "launch_info", "slurm_job_id",
+           "requeue_command", "requeue", "cluster_environment", "slurm_gpus_per_node", "slurm_tasks_per_node",
+           "local_gpu_count", "register_resolvers"]
+
+log = logging.getLogger(__name__)
+
+EXIT_REQUEUED = 75                       # sysexits.h EX_TEMPFAIL: not finished, the requeued job continues it
+REQUEUE_CMD_ENV = "EDMLAB_REQUEUE_CMD"   # replaces `scontrol requeue`; the job id is appended
+
+
+def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def slurm_job_id(environ: Mapping[str, str] | None = None) -> str | None:
+    """The id `scontrol requeue` takes: `<array job>_<task>` for an array task, else $SLURM_JOB_ID (None: no Slurm)."""
+    env = _env(environ)
+    array_job, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """Who started this process and the world it belongs to."""
+
+    launcher: str           # "torchrun", "slurm" (srun) or "local" (Lightning starts the other ranks itself)
+    world_size: int
+    num_nodes: int
+    tasks_per_node: int
+    node_rank: int
+    global_rank: int
+
+
+def _int(env: Mapping[str, str], *names: str, default: int) -> int:
+    for name in names:
+        value = env.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return default
+
+
+def launch_info(environ: Mapping[str, str] | None = None) -> LaunchInfo:
+    """torchrun wins over Slurm: `srun torchrun ...` starts one torchrun per node, which starts the ranks."""
+    env = _env(environ)
+    if env.get("TORCHELASTIC_RUN_ID") is not None and "LOCAL_WORLD_SIZE" in env:
+        world, local = _int(env, "WORLD_SIZE", default=1), _int(env, "LOCAL_WORLD_SIZE", default=1)
+        return LaunchInfo("torchrun", world, max(1, world // max(local, 1)), local,
+                          _int(env, "GROUP_RANK", default=0), _int(env, "RANK", default=0))
+    if env.get("SLURM_STEP_ID") is not None and "SLURM_NTASKS" in env and \
+            env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        world = _int(env, "SLURM_NTASKS", default=1)
+        nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", default=1)
+        per_node = _int(env, "SLURM_NTASKS_PER_NODE", default=max(1, world // max(nodes, 1)))
+        return LaunchInfo("slurm", world, nodes, per_node, _int(env, "SLURM_NODEID", default=0),
+                          _int(env, "SLURM_PROCID", default=0))
+    return LaunchInfo("local", 1, 1, 1, 0, 0)
+
+
+def cluster_environment(environ: Mapping[str, str] | None = None):
+    """The Lightning cluster environment to pass as `Trainer(plugins=[...])`, or None to let Lightning detect it.
+
+    Under torchrun inside a Slurm allocation Lightning would pick SLURMEnvironment (one task per node) and get
+    the ranks wrong; under srun, Lightning's own auto-requeue (a non-atomic hpc_ckpt) is turned off because
+    `edmlab.training.Checkpoint` + `Requeue` handle the signal.
+    """
+    from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    launcher = launch_info(environ).launcher
+    if launcher == "torchrun":
+        return TorchElasticEnvironment()
+    if launcher == "slurm":
+        return SLURMEnvironment(auto_requeue=False, requeue_signal=signal_module.SIGUSR1)
+    return None
+
+
+def requeue_command(job_id: str, environ: Mapping[str, str] | None = None) -> list[str]:
+    """`scontrol requeue <job_id>`, or `$EDMLAB_REQUEUE_CMD <job_id>` when that is set."""
+    custom = _env(environ).get(REQUEUE_CMD_ENV)
+    return [*shlex.split(custom), job_id] if custom else ["scontrol", "requeue", job_id]
+
+
+def requeue(job_id: str | None = None, environ: Mapping[str, str] | None = None, timeout_s: float = 60.0) -> bool:
+    """Put this Slurm job back in the queue (same job id, same run folder); True when the command succeeded."""
+    job_id = job_id or slurm_job_id(environ)
+    if not job_id:
+        log.error("requeue: not inside a Slurm job ($SLURM_JOB_ID unset); resubmit with ckpt_path=<run folder>")
+        return False
+    cmd = requeue_command(job_id, environ)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.error(f"requeue: `{shlex.join(cmd)}` failed ({type(e).__name__}: {e}); resubmit with ckpt_path=last")
+        return False
+    if done.returncode != 0:
+        reason = done.stderr.strip() or done.stdout.strip()
+        log.error(f"requeue: `{shlex.join(cmd)}` exited {done.returncode}: {reason}")
+        return False
+    log.warning(f"requeued Slurm job {job_id}: it resumes from its run folder's last.ckpt")
+    return True
+
+
+class Requeue(Callback):
+    """After `callbacks.checkpoint` saved on the time-limit signal: requeue the Slurm job, exit EXIT_REQUEUED.
+
+    Inert outside Slurm unless $EDMLAB_REQUEUE_CMD is set. When active it makes the checkpoint callback save
+    AND stop on `signal` (saving and training on would only lose the save to the coming SIGKILL).
+    """
+
+    def __init__(self,
+                 signal: str = "SIGUSR1",     # what `#SBATCH --signal=USR1@120` sends before the time limit
+                 exit: bool = True,           # raise SystemExit(EXIT_REQUEUED) after requeueing (no final eval)
+                 ) -> None:
+        try:
+            self.signum = int(getattr(signal_module, signal))
+        except AttributeError as e:
+            raise ValueError(f"callbacks.requeue.signal={signal!r} is not a signal name; use e.g. SIGUSR1") from e
+        self.signal = signal_module.Signals(self.signum).name
+        self.exit = exit
+        self.requeued: bool | None = None    # None: not asked to; else whether the requeue command succeeded
+        self._checkpoint: Any = None
+
+    @staticmethod
+    def active(environ: Mapping[str, str] | None = None) -> bool:
+        env = _env(environ)
+        return slurm_job_id(env) is not None or bool(env.get(REQUEUE_CMD_ENV))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or not self.active():
+            return
+        from edmlab.training.checkpoint import Checkpoint
+
+        found = [c for c in trainer.callbacks if isinstance(c, Checkpoint)]
+        if not found:
+            raise ValueError("callbacks.requeue needs callbacks.checkpoint (edmlab.training.Checkpoint) to save "
+                             "last.ckpt before the job is requeued; add it or drop callbacks.requeue")
+        self._checkpoint = found[0]
+        for signals in (self._checkpoint.save_on_signals, self._checkpoint.stop_on_signals):
+            if self.signum not in signals:
+                signals.append(self.signum)
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        if environment is None:  # single-device strategies keep it on the connector only
+            environment = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+        if hasattr(environment, "auto_requeue"):
+            environment.auto_requeue = False  # Lightning's handler would write a second, non-atomic checkpoint
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._checkpoint is None or self._checkpoint.stopped_by_signal != self.signal:
+            return
+        self.requeued = requeue() if trainer.is_global_zero else True
+        if self.exit:
+            # SystemExit passes Hydra's and submitit's `except Exception`: no result is recorded for this
+            # attempt, so a sweep waits for the requeued job instead of taking a half-trained metric
+            raise SystemExit(EXIT_REQUEUED if self.requeued else 1)
+
+
+# ---------------------------------------------------------------- resolvers for configs/hydra/launcher/
+def _device_count(devices: Any, launcher: str) -> int:
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        count = len(devices)
+    else:
+        text = str(devices).strip()
+        if "," in text:  # Lightning's "0,1,2" device list
+            count = len([d for d in text.split(",") if d.strip()])
+        else:
+            count = int(text) if text.lstrip("-").isdigit() else 0
+    if count <= 0:
+        raise ValueError(f"hydra/launcher={launcher}: trainer.devices={devices!r} does not say how many GPUs a "
+                         "node has; pass trainer.devices=<GPUs per node> (e.g. trainer.devices=8)")
+    return count
+
+
+def slurm_tasks_per_node(devices: Any) -> int:
+    """One Slurm task per device: Lightning's SLURMEnvironment maps task = rank = device."""
+    return _device_count(devices, "submitit_slurm")
+
+
+def slurm_gpus_per_node(accelerator: Any, devices: Any) -> int | None:
+    """GPUs to request per node (None for CPU training: no --gpus-per-node line)."""
+    if str(accelerator) == "cpu":
+        return None
+    return _device_count(devices, "submitit_slurm")
+
+
+def local_gpu_count(accelerator: Any) -> int:
+    """GPUs the submitit local launcher leaves visible to its jobs (it sets CUDA_VISIBLE_DEVICES=0..n-1)."""
+    if str(accelerator) == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def register_resolvers() -> None:
+    """Register edmlab.slurm_tasks / edmlab.slurm_gpus / edmlab.local_gpu_count (idempotent)."""
+    from omegaconf import OmegaConf
+
+    for name, fn in (("edmlab.slurm_tasks", slurm_tasks_per_node), ("edmlab.slurm_gpus", slurm_gpus_per_node),
+                     ("edmlab.local_gpu_count", local_gpu_count)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

@@ -1,0 +1,12 @@
+"""Training with Lightning: the EDM LightningModule, EMA, callbacks (checkpoints, sample grids, progress)."""
+
+from edmlab.training.checkpoint import Checkpoint
+from edmlab.training.ema import EMA, PowerFunctionEMA, posthoc_coefficients, reconstruct_posthoc
+from edmlab.training.module import EDMModule, LearningRate
+from edmlab.training.progress import KimgProgress
+from edmlab.training.resume import IncompatibleCheckpoint, load_ema_denoiser, resolve_ckpt_path
+from edmlab.training.samples import SampleGrid
+
+__all__ = ["EDMModule", "LearningRate", "EMA", "PowerFunctionEMA", "posthoc_coefficients",
+           "reconstruct_posthoc", "Checkpoint", "SampleGrid", "KimgProgress", "IncompatibleCheckpoint",
+           "resolve_ckpt_path", "load_ema_denoiser"]

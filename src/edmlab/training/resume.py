@@ -1,0 +1,126 @@
+"""Finding the checkpoint to resume from and refusing one that does not fit this run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["resolve_ckpt_path", "read_metadata", "check_compatible", "IncompatibleCheckpoint", "CKPT_NAME",
+           "load_ema_denoiser"]
+
+log = logging.getLogger(__name__)
+
+CKPT_NAME = "last.ckpt"
+
+
+class IncompatibleCheckpoint(ValueError):
+    """The checkpoint was written by a run with a different network, preconditioning or tensor shapes."""
+
+
+def _run_checkpoint(run_dir: Path) -> Path | None:
+    for candidate in (run_dir / "checkpoints" / CKPT_NAME, run_dir / CKPT_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, runs_dir: str | os.PathLike,
+                      output_dir: str | os.PathLike) -> Path | None:
+    """`ckpt_path` as a file: "last" = this run folder's own last.ckpt (a requeued job) or else the newest
+    last.ckpt under `runs_dir`; a folder = that run's checkpoints/last.ckpt; a file = itself."""
+    if ckpt_path is None or str(ckpt_path) == "":
+        return None
+    if str(ckpt_path) == "last":
+        own = _run_checkpoint(Path(output_dir))
+        if own is not None:
+            return own
+        runs = Path(runs_dir)
+        found = [p for p in runs.glob(f"*/checkpoints/{CKPT_NAME}") if p.is_file()] if runs.is_dir() else []
+        if not found:
+            log.warning(f"ckpt_path=last: no {CKPT_NAME} under {runs}/*/checkpoints/; starting from scratch")
+            return None
+        return max(found, key=lambda p: p.stat().st_mtime)
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        found = _run_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: folder has no checkpoints/{CKPT_NAME} "
+                                    f"(nor {CKPT_NAME}); pass a run folder of `python train.py` or a "
+                                    ".ckpt file")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file or folder; use ckpt_path=last, "
+                                f"a run folder or a .ckpt file")
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """checkpoint["edmlab"] without loading the tensors into memory (memory-mapped)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    meta = ckpt.get("edmlab") if isinstance(ckpt, dict) else None
+    if meta is None:
+        raise ValueError(f"{path}: no 'edmlab' entry; resume only from a last.ckpt written by "
+                         "`python train.py`")
+    return meta
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    missing = object()
+    return [f"{k}: checkpoint {a.get(k, '<absent>')!r} vs this run {b.get(k, '<absent>')!r}"
+            for k in keys if a.get(k, missing) != b.get(k, missing)]
+
+
+def check_compatible(checkpoint: dict[str, Any], module: torch.nn.Module) -> None:
+    """Raise IncompatibleCheckpoint naming what differs: network config, preconditioning, tensor shapes."""
+    meta = checkpoint.get("edmlab", {})
+    problems: list[str] = []
+    own = module.edmlab_metadata()
+    if meta.get("network") and own["network"]:
+        problems += [f"network.{d}" for d in _diff(meta["network"], own["network"])]
+    if meta.get("precond"):
+        problems += [f"precond.{d}" for d in _diff(meta["precond"], own["precond"])]
+    state = checkpoint.get("state_dict", {})
+    mine = module.state_dict()
+    missing = sorted(set(mine) - set(state))
+    unexpected = sorted(set(state) - set(mine))
+    shapes = [f"tensor {k}: checkpoint {tuple(state[k].shape)} vs this run {tuple(v.shape)}"
+              for k, v in mine.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing:
+        problems.append(f"tensors missing from the checkpoint: {', '.join(missing[:5])}"
+                        + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(f"tensors in the checkpoint that this network lacks: {', '.join(unexpected[:5])}"
+                        + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+    problems += shapes[:10]
+    if problems:
+        raise IncompatibleCheckpoint(
+            "cannot resume: the checkpoint was trained with a different network/preconditioning.\n  "
+            + "\n  ".join(problems)
+            + "\nResume with the same network/precond config as the original run (see its "
+              ".hydra/config.yaml), or drop ckpt_path to start a fresh run.")
+
+
+def load_ema_denoiser(path: str | os.PathLike, map_location: Any = "cpu") -> torch.nn.Module:
+    """The EMA denoiser of a training checkpoint (last.ckpt), rebuilt without Lightning, in eval mode."""
+    from edmlab.interop import load_weights
+    from edmlab.networks import build
+    from edmlab.precond import Denoiser
+
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    meta = ckpt.get("edmlab") if isinstance(ckpt, dict) else None
+    if meta is None or not meta.get("network"):
+        raise ValueError(f"{path}: no 'edmlab' entry with a network config; not a checkpoint of "
+                         "`python train.py`")
+    prefix = meta.get("ema_prefix", "ema.module.")
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    denoiser = Denoiser(build(**meta["network"]), **meta["precond"])
+    load_weights(denoiser, state, source=f"{path} (EMA weights)")
+    return denoiser.eval()

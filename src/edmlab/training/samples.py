@@ -1,0 +1,92 @@
+"""Callback: a fixed-seed grid from the EMA denoiser every N kimg, saved as PNG and sent to the loggers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import PIL.Image
+from lightning.pytorch.callbacks import Callback
+
+from edmlab.training.grid import render, sample_grid, save_png
+from edmlab.training.progress import crossed_kimg, tick_name
+
+__all__ = ["SampleGrid", "draw_samples"]
+
+log = logging.getLogger(__name__)
+
+
+def draw_samples(pl_module: L.LightningModule, sampler: Callable, *, per_class: int = 10,
+                 num_unconditional: int = 64, seed: int = 0, scale: int = 1) -> PIL.Image.Image:
+    """The EMA denoiser's grid: one row per class (or a square of unconditional samples / a 2-D scatter)."""
+    samples, labels = sample_grid(pl_module.ema.module, sampler, pl_module.data_shape,
+                                  label_dim=pl_module.label_dim, per_class=per_class,
+                                  num_unconditional=num_unconditional, seed=seed, device=pl_module.device)
+    return render(samples, labels, per_class, scale=scale)
+
+
+def _log_image(trainer: L.Trainer, key: str, image: PIL.Image.Image) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[image], step=trainer.global_step)
+        elif isinstance(logger, TensorBoardLogger):
+            array = np.asarray(image)
+            logger.experiment.add_image(key, array, trainer.global_step,
+                                        dataformats="HW" if array.ndim == 2 else "HWC")
+
+
+class SampleGrid(Callback):
+    """Every `every_kimg`, sample the same seeds with the EMA weights; rank 0 writes `dirpath/<kimg>.png`."""
+
+    def __init__(self,
+                 sampler: Callable,                  # partial edmlab.sampling.sample (the `sampler` config)
+                 dirpath: str,                       # usually ${paths.output_dir}/samples
+                 every_kimg: float | None = 50.0,    # None: only at the end
+                 per_class: int = 10,                # columns per class row (conditional models)
+                 num_unconditional: int = 64,        # images for unconditional models
+                 seed: int = 0,                      # first seed; image i uses seed + i
+                 scale: int = 1,                     # nearest-neighbour upscaling of the saved grid
+                 at_train_end: bool = True,
+                 ) -> None:
+        self.sampler = sampler
+        self.dirpath = Path(dirpath)
+        self.every_kimg = every_kimg
+        self.per_class, self.num_unconditional = per_class, num_unconditional
+        self.seed, self.scale = seed, scale
+        self.at_train_end = at_train_end
+        self._seen_step = -1
+        self._drawn_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seen_step = trainer.global_step
+
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        self._drawn_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return None
+        image = draw_samples(pl_module, self.sampler, per_class=self.per_class,
+                             num_unconditional=self.num_unconditional, seed=self.seed, scale=self.scale)
+        kimg = trainer.global_step * pl_module.batch_size / 1000
+        name = tick_name("samples", trainer.global_step, pl_module.batch_size, self.every_kimg, ".png")
+        path = save_png(image, self.dirpath / name)
+        _log_image(trainer, "samples", image)
+        log.info(f"sample grid at {kimg:.1f} kimg: {path}")
+        return path
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:
+            return
+        before, self._seen_step = self._seen_step, step
+        if crossed_kimg(before, step, pl_module.batch_size, self.every_kimg):
+            self.draw(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_train_end and self._drawn_step != trainer.global_step:
+            self.draw(trainer, pl_module)
