@@ -112,3 +112,31 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     assert 3 <= saved["global_step"] < 100000
     assert (run / "checkpoints" / "last_ema.pt").is_file()
     assert not (run / "samples.png").exists()  # a stopped run skips the final grid: the job should exit now
+
+
+def test_restart_in_its_own_folder_resumes_without_ckpt_path(tmp_path):
+    """A requeued job (same run folder, no ckpt_path) continues from its own last.ckpt, not from scratch."""
+    logs = tmp_path / "logs"
+    env = _env(EDMLAB_RUN_STAMP="requeued")
+    first = subprocess.run(_cmd("trainer.max_steps=4", f"paths.log_dir={logs}"), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt = _run_folder(logs, "requeued") / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 4
+    second = subprocess.run(_cmd("trainer.max_steps=6", f"paths.log_dir={logs}"), cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming it" in second.stdout + second.stderr
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 6
+
+
+def test_last_never_picks_another_runs_checkpoint_inside_a_sweep(tmp_path):
+    from edmlab.training.resume import resolve_ckpt_path
+
+    other = tmp_path / "runs" / "other" / "checkpoints"
+    other.mkdir(parents=True)
+    (other / "last.ckpt").write_bytes(b"x")
+    mine = tmp_path / "multiruns" / "0"
+    mine.mkdir(parents=True)
+    assert resolve_ckpt_path("last", tmp_path / "runs", mine) == other / "last.ckpt"
+    assert resolve_ckpt_path("last", tmp_path / "runs", mine, own_only=True) is None

@@ -37,9 +37,9 @@ def run_stamp() -> str:
     if os.environ.get("EDMLAB_RUN_STAMP"):
         return os.environ["EDMLAB_RUN_STAMP"]
     job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
-    if job and step is not None:
+    if job:  # the batch step of a plain sbatch script has no SLURM_STEP_ID
         array = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{job}" + (f"_{array}" if array else "") + f"-{step}"
+        return f"slurm-{job}" + (f"_{array}" if array else "") + (f"-{step}" if step is not None else "")
     rdzv = os.environ.get("TORCHELASTIC_RUN_ID")
     if rdzv and rdzv != "none":
         return f"torchrun-{rdzv}"

@@ -148,8 +148,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # same initial weights on every rank
 
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs",
-                                  output_dir)
+    requested = cfg.get("ckpt_path")
+    if requested is None and (output_dir / "checkpoints" / "last.ckpt").is_file():
+        requested = "last"  # a requeued or restarted job finds its own folder's checkpoint: resume it
+        log.info(f"{output_dir} already holds checkpoints/last.ckpt: resuming it")
+    # inside a sweep or a requeued Slurm job, "last" means this job's own checkpoint, never another run's
+    own_only = bool(os.environ.get("SLURM_RESTART_COUNT")) or "multiruns" in output_dir.parts
+    ckpt_path = resolve_ckpt_path(requested, Path(cfg.paths.log_dir) / cfg.task_name / "runs", output_dir,
+                                  own_only=own_only)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     datamodule, model = build_model(cfg, run_config=run_config)
 

@@ -29,14 +29,14 @@ def _run_checkpoint(run_dir: Path) -> Path | None:
 
 
 def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, runs_dir: str | os.PathLike,
-                      output_dir: str | os.PathLike) -> Path | None:
-    """`ckpt_path` as a file: "last" = this run folder's own last.ckpt (a requeued job) or else the newest
-    last.ckpt under `runs_dir`; a folder = that run's checkpoints/last.ckpt; a file = itself."""
+                      output_dir: str | os.PathLike, own_only: bool = False) -> Path | None:
+    """`ckpt_path` as a file: "last" = this run folder's own last.ckpt (a requeued job) or else (unless
+    `own_only`) the newest last.ckpt under `runs_dir`; a folder = that run's checkpoints/last.ckpt; a file = itself."""
     if ckpt_path is None or str(ckpt_path) == "":
         return None
     if str(ckpt_path) == "last":
         own = _run_checkpoint(Path(output_dir))
-        if own is not None:
+        if own is not None or own_only:
             return own
         runs = Path(runs_dir)
         found = [p for p in runs.glob(f"*/checkpoints/{CKPT_NAME}") if p.is_file()] if runs.is_dir() else []
@@ -110,17 +110,6 @@ def check_compatible(checkpoint: dict[str, Any], module: torch.nn.Module) -> Non
 
 def load_ema_denoiser(path: str | os.PathLike, map_location: Any = "cpu") -> torch.nn.Module:
     """The EMA denoiser of a training checkpoint (last.ckpt), rebuilt without Lightning, in eval mode."""
-    from edmlab.interop import load_weights
-    from edmlab.networks import build
-    from edmlab.precond import Denoiser
+    from edmlab.generate import load_denoiser_any
 
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    meta = ckpt.get("edmlab") if isinstance(ckpt, dict) else None
-    if meta is None or not meta.get("network"):
-        raise ValueError(f"{path}: no 'edmlab' entry with a network config; not a checkpoint of "
-                         "`python train.py`")
-    prefix = meta.get("ema_prefix", "ema.module.")
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    denoiser = Denoiser(build(**meta["network"]), **meta["precond"])
-    load_weights(denoiser, state, source=f"{path} (EMA weights)")
-    return denoiser.eval()
+    return load_denoiser_any(path, use_ema=True, map_location=map_location)
