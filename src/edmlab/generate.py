@@ -485,7 +485,7 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], outdir: str | os.P
     result.seconds = time.perf_counter() - start
 
     if grid:
-        from edmlab.training.grid import image_grid
+        from edmlab.grid import image_grid
 
         picture = image_grid(torch.cat(images_all), ncol=math.ceil(math.sqrt(len(seeds))))
         with _atomic(outdir / "grid.png") as f:

@@ -203,7 +203,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         spec = cfg.final_samples
         image = draw_samples(model, instantiate(cfg.sampler), per_class=spec.per_class,
                              num_unconditional=spec.num_unconditional, seed=spec.seed, scale=spec.scale)
-        from edmlab.training.grid import save_png
+        from edmlab.grid import save_png
 
         path = save_png(image, output_dir / "samples.png")
         result["samples"] = str(path)

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 from lightning.pytorch.callbacks import Callback
 
-from edmlab.training.grid import render, sample_grid, save_png
+from edmlab.grid import render, sample_grid, save_png
 from edmlab.training.progress import crossed_kimg, tick_name
 
 __all__ = ["SampleGrid", "draw_samples"]
