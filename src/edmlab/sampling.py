@@ -89,6 +89,11 @@ def _pf_ode(proc: NoiseProcess, D: DenoiseFn, x: torch.Tensor, t: torch.Tensor) 
     return (sigma_d / sigma + proc.s_deriv(t) / s) * x - sigma_d * s / sigma * D(x / s, sigma)
 
 
+def _denoise(proc: NoiseProcess, D: DenoiseFn, x: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor):
+    """The last step, into sigma(t_end) = 0: the denoised state s(t_end) D(x/s(t); sigma(t))."""
+    return proc.s(t_end) * D(x / proc.s(t), proc.sigma(t))
+
+
 def _runge_kutta(D, x, t_steps, proc, noise, *, order: int, S_churn: float, S_tmin: float, S_tmax: float,
                  S_noise: float, round_sigma, draw_always: bool):
     """Euler (order 1) or Heun (order 2) in the process's t, with optional churn (EDM Algorithms 1 and 2)."""
@@ -104,8 +109,8 @@ def _runge_kutta(D, x, t_steps, proc, noise, *, order: int, S_churn: float, S_tm
             t_hat = proc.sigma_inv(sigma_hat)
             s_hat = proc.s(t_hat)
             x = s_hat / proc.s(t_cur) * x + s_hat * (sigma_hat**2 - sigma_cur**2).clamp(min=0).sqrt() * S_noise * eps
-        if i == N - 1:  # into sigma = 0: the denoised state
-            x = proc.s(t_next) * D(x / proc.s(t_hat), proc.sigma(t_hat))
+        if i == N - 1:
+            x = _denoise(proc, D, x, t_hat, t_next)
             continue
         h = t_next - t_hat
         d = _pf_ode(proc, D, x, t_hat)
@@ -156,8 +161,7 @@ def _euler_maruyama(D, x, t_steps, proc, noise):
         score = (s * D(x / s, sigma) - x) / (s * sigma) ** 2
         g = proc.g(t)
         x = x + (t_next - t) * (proc.f(t) * x - g**2 * score) + g * (t - t_next).sqrt() * noise(x)
-    t = t_steps[-2]
-    return proc.s(t_steps[-1]) * D(x / proc.s(t), proc.sigma(t))
+    return _denoise(proc, D, x, t_steps[-2], t_steps[-1])
 
 
 SOLVERS = ("euler", "heun", "edm_stochastic", "ddim", "euler_maruyama", "ddpm_ancestral", "dpmpp_2m")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
-from edmlab.data.images import ImageDataset, open_images
+from edmlab.data.images import ImageDataset, open_images, square_side
 from edmlab.data.toy2d import Toy2DDataset
 
 
@@ -266,10 +266,7 @@ class ImageDataModule(InfiniteDataModule):
 
     @property
     def img_resolution(self) -> int:
-        _, h, w = self.image_shape
-        if h != w:
-            raise ValueError(f"images are {h}x{w}; the U-Nets need square images")
-        return h
+        return square_side(self.image_shape, "dataset")
 
     def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         images, labels = super().collate(items)

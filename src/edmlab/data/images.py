@@ -33,6 +33,14 @@ def check_labels(raw_labels: np.ndarray | None, n: int, source: str) -> np.ndarr
                      f"{raw_labels.dtype} shape {raw_labels.shape}")
 
 
+def square_side(image_shape, source: str) -> int:
+    """H of a [C, H, W] shape, refusing non-square images (the U-Nets need H == W)."""
+    _, h, w = image_shape
+    if h != w:
+        raise ValueError(f"{source}: images are {h}x{w}, not square; the U-Nets need square images")
+    return h
+
+
 class ImageDataset(Dataset):
     """Base class: subclasses provide `__len__`, `load_image(i) -> uint8 [C,H,W]`, `image_shape`, `raw_labels`."""
 
@@ -53,10 +61,7 @@ class ImageDataset(Dataset):
     @property
     def resolution(self) -> int:
         """Side of the (square) images; EDM's networks need H == W."""
-        _, h, w = self.image_shape
-        if h != w:
-            raise ValueError(f"{self.name}: images are {h}x{w}, not square")
-        return h
+        return square_side(self.image_shape, self.name)
 
     @property
     def has_labels(self) -> bool:
