@@ -11,13 +11,14 @@ import torch
 
 from edmlab.process import VP
 
-__all__ = ["Recipe", "EDMLoss", "VPLoss", "VELoss", "FMLoss", "get", "denoising_loss", "NAMES"]
+__all__ = ["Recipe", "EDMLoss", "EDM2Loss", "VPLoss", "VELoss", "FMLoss", "get", "denoising_loss", "NAMES"]
 
 
 class Recipe:
     """A sigma distribution and a weighting lambda(sigma)."""
 
     name = "none"
+    uncertainty = False  # True: the denoiser also learns the loss's log-variance u(sigma) (EDM2)
 
     def sample_sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         raise NotImplementedError
@@ -39,6 +40,20 @@ class EDMLoss(Recipe):
 
     def weight(self, sigma):
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+
+class EDM2Loss(EDMLoss):
+    """EDM's sigma law and lambda with EDM2's learned uncertainty: lambda/e^u ||D - y||^2 + d u (EDM2 eq. 21).
+
+    u(sigma) is the denoiser's log-variance head (precond=edm2); d is the number of elements per item,
+    as NVlabs/edm2 adds u to every element's loss. Defaults are the ImageNet-512 latent preset.
+    """
+
+    name = "edm2"
+    uncertainty = True
+
+    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5):
+        super().__init__(P_mean, P_std, sigma_data)
 
 
 class VPLoss(Recipe):
@@ -95,12 +110,12 @@ class FMLoss(Recipe):
         return ((1 + sigma) / sigma) ** 2
 
 
-_RECIPES: dict[str, type[Recipe]] = {c.name: c for c in (VPLoss, VELoss, EDMLoss, FMLoss)}
+_RECIPES: dict[str, type[Recipe]] = {c.name: c for c in (VPLoss, VELoss, EDMLoss, EDM2Loss, FMLoss)}
 NAMES = tuple(_RECIPES)
 
 
 def get(name: str, **params) -> Recipe:
-    """A training recipe by name: "vp", "ve", "edm", "fm"."""
+    """A training recipe by name: "vp", "ve", "edm", "edm2", "fm"."""
     if name not in _RECIPES:
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(NAMES)}")
     return _RECIPES[name](**params)
@@ -122,6 +137,10 @@ def denoising_loss(denoiser, images: torch.Tensor, recipe: Recipe, class_labels:
     noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
     view = sigma.reshape(-1, *([1] * (y.ndim - 1)))
     extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+    if getattr(recipe, "uncertainty", False):  # EDM2 eq. 21: the weight is learned per sigma
+        D_yn, u = denoiser(y + view * noise, sigma, class_labels=class_labels, return_logvar=True, **extra)
+        u = u.flatten()
+        return recipe.weight(sigma) / u.exp() * (D_yn - y).square().flatten(1).sum(1) + y[0].numel() * u
     D_yn = denoiser(y + view * noise, sigma, class_labels=class_labels, **extra)
     return recipe.weight(sigma) * (D_yn - y).square().flatten(1).sum(1)
 

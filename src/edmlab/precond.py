@@ -162,14 +162,23 @@ class Denoiser(nn.Module):
     `sigma` is a scalar or one value per batch item. The network runs in its own
     parameter dtype; D is returned in the dtype of x (samplers keep float64 states).
     Extra output channels of F (iDDPM's learned variance) are dropped.
+    With `logvar_channels` > 0 it also learns EDM2's log-variance u(sigma) = W Fourier(c_noise)
+    (EDM2 eq. 21; names as NVlabs/edm2 `Precond`), returned by `forward(..., return_logvar=True)`.
     """
 
-    def __init__(self, net: nn.Module, kind: str = "edm", sigma_data: float = 0.5, **params) -> None:
+    def __init__(self, net: nn.Module, kind: str = "edm", sigma_data: float = 0.5, logvar_channels: int = 0,
+                 **params) -> None:
         super().__init__()
         self.net = net
         self.kind = kind
         self.precond = get(kind, sigma_data=sigma_data, **params)
         self.precond_params = dict(sigma_data=sigma_data, **params)
+        if logvar_channels:
+            from edmlab.networks.mp_layers import MPConv, MPFourier
+
+            self.logvar_fourier = MPFourier(int(logvar_channels))
+            self.logvar_linear = MPConv(int(logvar_channels), 1, kernel=[])
+            self.precond_params["logvar_channels"] = int(logvar_channels)
         self.sigma_data = float(sigma_data)
         self.sigma_min, self.sigma_max = self.precond.sigma_min, self.precond.sigma_max
         self.label_dim = int(getattr(net, "label_dim", 0))
@@ -178,11 +187,21 @@ class Denoiser(nn.Module):
         return self.precond.round_sigma(torch.as_tensor(sigma))
 
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+                augment_labels: torch.Tensor | None = None, return_logvar: bool = False):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         sigma = sigma.reshape(-1, *([1] * (x.ndim - 1))).expand(x.shape[0], *([1] * (x.ndim - 1)))
         c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma)
         dtype = next(self.net.parameters(), x).dtype
         F_x = self.net((c_in * x).to(dtype), c_noise.flatten().to(dtype), class_labels=class_labels,
                        augment_labels=augment_labels)
-        return c_skip * x + c_out * F_x[:, : x.shape[1]].to(x.dtype)
+        D_x = c_skip * x + c_out * F_x[:, : x.shape[1]].to(x.dtype)
+        if not return_logvar:
+            return D_x
+        return D_x, self.logvar(c_noise).reshape(sigma.shape).to(x.dtype)
+
+    def logvar(self, c_noise: torch.Tensor) -> torch.Tensor:
+        """u(sigma), EDM2's learned log-variance of the loss at c_noise (EDM2 eq. 21), one per item."""
+        if not hasattr(self, "logvar_linear"):
+            raise ValueError("this denoiser has no uncertainty head: build it with logvar_channels > 0 "
+                             "(precond=edm2) to train with loss=edm2")
+        return self.logvar_linear(self.logvar_fourier(c_noise.flatten().to(torch.float32)))

@@ -1,4 +1,5 @@
-"""Networks F(x; c_noise) for the denoiser: DDPM++, NCSN++ (Song U-Net), ADM (Dhariwal U-Net) and an MLP.
+"""Networks F(x; c_noise) for the denoiser: DDPM++, NCSN++ (Song U-Net), ADM (Dhariwal U-Net), EDM2's
+magnitude-preserving U-Net and an MLP.
 
 `build(name, ...)` is the one entry point; its defaults are the settings of EDM's paper runs
 (`train.py` of NVlabs/edm: CIFAR-10 for the Song U-Nets, ImageNet-64 for ADM).
@@ -13,10 +14,12 @@ from typing import Any
 from torch import nn
 
 from edmlab.networks.adm_unet import DhariwalUNet
+from edmlab.networks.edm2_unet import EDM2_PRESETS, EDM2UNet
 from edmlab.networks.mlp import MLP
 from edmlab.networks.song_unet import SongUNet
 
-__all__ = ["build", "PRESETS", "NAMES", "SongUNet", "DhariwalUNet", "MLP", "num_parameters"]
+__all__ = ["build", "PRESETS", "NAMES", "SongUNet", "DhariwalUNet", "MLP", "EDM2UNet", "EDM2_PRESETS",
+           "num_parameters"]
 
 # name -> (class, defaults). Song U-Nets: EDM train.py --arch=ddpmpp|ncsnpp on CIFAR-10 (--dropout 0.13);
 # ADM: EDM's ImageNet-64 run (--arch=adm, --dropout 0.10, class defaults otherwise).
@@ -31,6 +34,9 @@ PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
                               resample_filter=[1, 3, 3, 1])),
     "adm": (DhariwalUNet, dict(model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
                                attn_resolutions=[32, 16, 8], dropout=0.10)),
+    # EDM2: NVlabs' UNet defaults (model_channels 192 = the S preset; EDM2_PRESETS holds the others).
+    "edm2": (EDM2UNet, dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8],
+                            dropout=0.0)),
     "mlp": (MLP, dict(hidden_channels=256, num_blocks=4, emb_channels=128, embedding_type="positional",
                       dropout=0.0)),
 }
@@ -48,7 +54,7 @@ def _plain(value: Any) -> Any:
 
 def build(name: str, *, img_resolution: int, img_channels: int, label_dim: int = 0, augment_dim: int = 0,
           **overrides: Any) -> nn.Module:
-    """The network `name` (ddpmpp, ncsnpp, adm, mlp) with EDM's defaults updated by `overrides`.
+    """The network `name` (ddpmpp, ncsnpp, adm, edm2, mlp) with EDM's defaults updated by `overrides`.
 
     The result carries `build_config`, the keyword arguments that rebuild it: `build(**net.build_config)`.
     """
