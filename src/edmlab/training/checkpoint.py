@@ -116,6 +116,8 @@ class Checkpoint(Callback):
             os.replace(tmp, self.ckpt_path)
             if self.export:
                 self._export(pl_module, self.dirpath / EXPORT_NAME)
+            # post-hoc EMA profiles go with every checkpoint too, so the end of training can be reconstructed
+            self._phema_snapshot(trainer, pl_module, self.snapshot_every_kimg or self.every_kimg)
             kimg = trainer.global_step * pl_module.batch_size / 1000
             log.info(f"saved {self.ckpt_path} at {kimg:.1f} kimg")
         trainer.strategy.barrier("edmlab.checkpoint")
@@ -131,13 +133,17 @@ class Checkpoint(Callback):
             return
         step, batch, every = trainer.global_step, pl_module.batch_size, self.snapshot_every_kimg
         self._export(pl_module, self.dirpath / tick_name("network-snapshot", step, batch, every, ".pt"))
-        if pl_module.phema is not None:  # EDM2 post-hoc EMA: keep every tracked profile at this time
-            phema = pl_module.phema
-            snap = {"nimg": trainer.global_step * pl_module.batch_size, "sigma_rels": phema.sigma_rels,
-                    "state_dicts": [e.state_dict() for e in phema.emas]}
-            path = self.dirpath / tick_name("phema", step, batch, every, ".pt")
-            torch.save(snap, path.with_suffix(".tmp"))
-            os.replace(path.with_suffix(".tmp"), path)
+        self._phema_snapshot(trainer, pl_module, every)
+
+    def _phema_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule, every: float | None) -> None:
+        """EDM2 post-hoc EMA: every tracked profile at this time, in edmlab.training.phema's format."""
+        if pl_module.phema is None or not trainer.is_global_zero:
+            return
+        from edmlab.training.phema import save_snapshot
+
+        step, batch = trainer.global_step, pl_module.batch_size
+        save_snapshot(self.dirpath / tick_name("phema", step, batch, every, ".pt"), pl_module.phema, step * batch,
+                      pl_module.denoiser, config=pl_module.run_config)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:

@@ -115,14 +115,18 @@ def _profile_dot(t_a, gamma_a, t_b, gamma_b):
 
 def posthoc_coefficients(snapshot_nimg: Sequence[float], snapshot_sigma_rel: Sequence[float],
                          target_nimg: float, target_sigma_rel: float) -> np.ndarray:
-    """Weights x with sum_i x_i p_i closest (L2) to the target profile (EDM2 App. C.3, least squares)."""
+    """Weights x with sum_i x_i p_i closest (L2) to the target profile (EDM2 App. C.3, least squares).
+
+    As NVlabs/edm2 `solve_posthoc_coefficients`, x is rescaled to sum to 1 so the result is an average.
+    """
     t = np.asarray(snapshot_nimg, dtype=np.float64)
     g = np.asarray([sigma_rel_to_gamma(s) for s in snapshot_sigma_rel], dtype=np.float64)
     if t.shape != g.shape or t.ndim != 1:
         raise ValueError("snapshot_nimg and snapshot_sigma_rel must be equal-length 1-D sequences")
     A = _profile_dot(t[:, None], g[:, None], t[None, :], g[None, :])
     b = _profile_dot(t, g, float(target_nimg), sigma_rel_to_gamma(target_sigma_rel))
-    return np.linalg.lstsq(A, b, rcond=None)[0]
+    x = np.linalg.lstsq(A, b, rcond=None)[0]
+    return x / x.sum()
 
 
 def reconstruct_posthoc(snapshots: Sequence[Mapping], target_sigma_rel: float,
