@@ -236,6 +236,14 @@ def _numpy_dtype(name: Any, align: Any = False, copy: Any = False) -> np.dtype:
     return dtype
 
 
+def _numpy_array(cls: Any, shape: Any = (0,), dtype: Any = b"b") -> np.ndarray:
+    # numpy's _reconstruct(ndarray, (0,), b'b') + BUILD (ndarray.__setstate__) with a dtype already screened
+    # by _numpy_dtype: EDM2's StabilityVAEEncoder keeps its latent scale and bias as float32 arrays.
+    if cls is not np.ndarray:
+        raise UnsafePickleError("numpy _reconstruct is only allowed for plain ndarrays")
+    return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
+
+
 def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
     # copyreg._reconstructor as protocol-0/1 pickles use it, limited to the inert record types.
     if not (isinstance(cls, type) and issubclass(cls, ModuleRecord | _EasyDict)):
@@ -264,6 +272,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("copyreg", "_reconstructor"): _reconstructor,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_array,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_array,
+    ("numpy", "ndarray"): np.ndarray,
     ("builtins", "object"): object,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
@@ -412,10 +423,11 @@ class EDMSnapshot:
     loss: dict | None = None
     augment_pipe: dict | None = None
     dataset_kwargs: dict = field(default_factory=dict)
+    encoder: dict | None = None  # EDM2: how the network's data maps to pixels (identity or the SD VAE)
 
     def metadata(self) -> dict:
         return {"precond_class": self.precond_class, "loss": self.loss, "augment_pipe": self.augment_pipe,
-                "dataset_kwargs": self.dataset_kwargs}
+                "dataset_kwargs": self.dataset_kwargs, "encoder": self.encoder}
 
 
 def read_edm_snapshot(path: str | os.PathLike, key: str = "ema") -> EDMSnapshot:
@@ -441,6 +453,8 @@ def read_edm_snapshot(path: str | os.PathLike, key: str = "ema") -> EDMSnapshot:
     precond = data[key]
     if not isinstance(precond, PersistentRecord):
         raise CheckpointFormatError(f"{source}: snapshot[{key!r}] is not a torch_utils.persistence object")
+    if precond.class_name == "Precond":
+        return _read_edm2_snapshot(data, precond, source)
     if precond.class_name not in _PRECONDS:
         raise CheckpointFormatError(f"{source}: preconditioning class {precond.class_name!r} is not supported; "
                                     f"edmlab maps {', '.join(_PRECONDS)}")
@@ -474,3 +488,49 @@ def load(path: str | os.PathLike, map_location: Any = "cpu") -> Denoiser:
     if Path(path).is_file() and zipfile.is_zipfile(path):
         return load_denoiser(path, map_location=map_location)
     return load_edm_pickle(path).to(map_location)
+
+
+# --------------------------------------------------------------------------- EDM2 snapshots (NVlabs/edm2)
+
+_EDM2_PRECOND_ONLY = {"img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data", "logvar_channels"}
+
+
+def _edm2_encoder(record: Any) -> dict | None:
+    """NVlabs/edm2's encoder as data: kind, VAE name and the latent scale/bias (final = raw * scale + bias)."""
+    if not isinstance(record, PersistentRecord):
+        return None
+    if record.class_name == "StandardRGBEncoder":
+        return {"kind": "identity"}
+    state = record.state
+    scale, bias = np.asarray(state.get("scale", 1), np.float64), np.asarray(state.get("bias", 0), np.float64)
+    return {"kind": "sd_vae", "class_name": record.class_name, "vae_name": state.get("vae_name"),
+            "scale": scale.reshape(-1).tolist(), "bias": bias.reshape(-1).tolist()}
+
+
+def _read_edm2_snapshot(data: Mapping, precond: PersistentRecord, source: str) -> EDMSnapshot:
+    """EDM2's `Precond` (U-Net `unet` + log-variance head) as an edmlab Denoiser with logvar_channels."""
+    modules = precond.state.get("_modules") or {}
+    unet = modules.get("unet")
+    if unet is None or "logvar_linear" not in modules:
+        raise CheckpointFormatError(f"{source}: preconditioning class 'Precond' is not supported unless it is "
+                                    f"NVlabs/edm2's (submodules unet, logvar_fourier, logvar_linear; found "
+                                    f"{', '.join(modules) or 'none'})")
+    kwargs = precond.init_kwargs
+    if kwargs is None:
+        raise CheckpointFormatError(f"{source}: EDM2 Precond recorded no constructor arguments (_init_kwargs)")
+    net_kwargs = {k: v for k, v in kwargs.items() if k not in _EDM2_PRECOND_ONLY}
+    try:
+        net = build("edm2", img_resolution=kwargs["img_resolution"], img_channels=kwargs["img_channels"],
+                    label_dim=kwargs.get("label_dim", 0), **net_kwargs)
+    except ValueError as err:
+        raise CheckpointFormatError(f"{source}: EDM2 U-Net kwargs have no edmlab equivalent: {err}") from err
+    logvar = _named_tensors(modules["logvar_linear"], "logvar_linear.")
+    denoiser = Denoiser(net, kind="edm", sigma_data=float(kwargs.get("sigma_data", 0.5)),
+                        logvar_channels=int(next(logvar)[1].shape[1]))
+    tensors = {**{f"net.{k}": v for k, v in _named_tensors(unet)},
+               **dict(_named_tensors(modules.get("logvar_fourier"), "logvar_fourier.")),
+               **dict(_named_tensors(modules["logvar_linear"], "logvar_linear."))}
+    load_weights(denoiser, {k: v.float() for k, v in tensors.items()}, source=f"{source} (EDM2 Precond weights)")
+    return EDMSnapshot(denoiser=denoiser.eval(), precond_class="Precond", loss=_plain_record(data.get("loss_fn")),
+                       augment_pipe=None, dataset_kwargs=_plain_record(dict(data.get("dataset_kwargs") or {})),
+                       encoder=_edm2_encoder(data.get("encoder")))
