@@ -78,10 +78,10 @@ def test_edm2_snapshot_reproduces_its_denoiser_and_exports(tmp_path):
     assert enc["kind"] == "sd_vae" and enc["vae_name"] == "stabilityai/sd-vae-ft-mse"
     assert np.allclose(enc["scale"], 0.5 / np.array([4.17, 4.62, 3.71, 3.28]), rtol=1e-6)
     # export to edmlab's format and back
-    out = save_denoiser(loaded, tmp_path / "edm2.pt", config={"edm2_snapshot": snap.metadata()})
+    out = save_denoiser(loaded, tmp_path / "edm2.pt", config={"edm_snapshot": snap.metadata()})
     again = load_denoiser(out)
     assert torch.equal(again(x, sigma, labels), D)
-    assert torch.load(out, weights_only=True)["config"]["edm2_snapshot"]["encoder"]["kind"] == "sd_vae"
+    assert torch.load(out, weights_only=True)["config"]["edm_snapshot"]["encoder"]["kind"] == "sd_vae"
 
 
 def test_edm2_unconditional_snapshot(tmp_path):

@@ -67,6 +67,25 @@ def _sampler_config(cfg: DictConfig) -> DictConfig:
     return sampler
 
 
+def _decoding(sampler, cfg: DictConfig):
+    """decode=auto: samples of a latent model (encoder other than identity in its config) go through its decoder."""
+    decode = str(cfg.get("decode", "auto"))
+    if decode not in ("auto", "none"):
+        raise ValueError(f"decode={decode!r}: use auto (decode latents with the checkpoint's encoder) or none")
+    if decode == "none":
+        return sampler
+    from hydra.utils import instantiate
+
+    from edmlab.encoders import IdentityEncoder, encoder_config_of_checkpoint
+
+    encoder_cfg = encoder_config_of_checkpoint(cfg.ckpt)
+    encoder = instantiate(encoder_cfg) if encoder_cfg else None
+    if encoder is None or isinstance(encoder, IdentityEncoder):
+        return sampler
+    log.info(f"samples are latents: decoding them with {type(encoder).__name__}")
+    return lambda *args, **kwargs: encoder.decode(sampler(*args, **kwargs))
+
+
 def run(cfg: DictConfig) -> GenerateResult:
     """Everything `python sample.py` does, given a composed config."""
     from hydra.utils import instantiate
@@ -76,13 +95,14 @@ def run(cfg: DictConfig) -> GenerateResult:
     seeds = parse_seeds(OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds)
     denoiser = load_denoiser_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device)
     sampler_cfg = _sampler_config(cfg)
-    sampler = instantiate(sampler_cfg)
+    sampler = _decoding(instantiate(sampler_cfg), cfg)
     shape = list(cfg.shape) if cfg.get("shape") is not None else None
     class_labels: Any = cfg.class_labels
     # What fixes the pixels: a resumed run must agree (batch size, ranks and format do not change them).
     solver = {k: v for k, v in OmegaConf.to_container(sampler_cfg, resolve=True).items() if not k.startswith("_")}
     settings = {"ckpt": str(resolve_checkpoint(cfg.ckpt).resolve()), "use_ema": bool(cfg.use_ema),
-                "sampler": solver, "class_labels": class_labels, "device_type": device.type, "shape": shape}
+                "sampler": solver, "class_labels": class_labels, "device_type": device.type, "shape": shape,
+                "decode": str(cfg.get("decode", "auto"))}
     if rank == 0:
         log.info(f"{cfg.ckpt}: {type(denoiser.net).__name__}, precond {denoiser.kind}, label_dim "
                  f"{denoiser.label_dim}; {len(seeds)} seed(s) on {world_size} process(es), {device}; {solver}")

@@ -13,10 +13,12 @@ from edmlab.data.datamodule import (
 from edmlab.data.digits import DigitsDataset
 from edmlab.data.folder import ImageFolderDataset
 from edmlab.data.images import ArrayImageDataset, ImageDataset, load_npz, open_images
+from edmlab.data.latents import LatentDataModule, LatentDataset
 from edmlab.data.toy2d import Toy2DDataset
 
 __all__ = [
     "AugmentPipe", "CIFAR10Dataset", "RestrictedUnpickler", "download_cifar10", "ImageDataModule",
     "InfiniteDataModule", "VectorDataModule", "XFlipDataset", "per_device_batch", "split_batch", "DigitsDataset",
     "ImageFolderDataset", "ArrayImageDataset", "ImageDataset", "load_npz", "open_images", "Toy2DDataset",
+    "LatentDataModule", "LatentDataset",
 ]
