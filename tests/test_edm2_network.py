@@ -102,7 +102,7 @@ def test_mpconv_forced_weight_normalisation_and_unit_output():
     row_norms = layer.weight.detach().double().norm(dim=1)
     assert row_norms.tolist() == pytest.approx([math.sqrt(n)] * out, rel=1e-3)  # forced: unit RMS per output
     assert torch.allclose(y_eval, y_train, rtol=1e-3, atol=1e-3)  # eps = 1e-4 of the first norm
-    assert float(y_train.double().square().mean()) == pytest.approx(1.0, abs=1e-3)  # unit in -> unit out
+    assert float(y_train.detach().double().square().mean()) == pytest.approx(1.0, abs=1e-3)  # unit in -> unit out
     assert torch.allclose(layer(x, gain=2.5), 2.5 * y_train, rtol=1e-5, atol=1e-5)
 
 
@@ -159,6 +159,16 @@ def test_training_forward_normalises_every_weight_and_builds_from_config():
     assert list(again.state_dict()) == list(net.state_dict())
 
 
-def test_augment_labels_are_refused():
-    with pytest.raises(ValueError, match="augment_pipe=null"):
-        build("edm2", augment_dim=9, **TINY)
+def test_augment_labels_enter_through_a_zero_gain():
+    net = build("edm2", augment_dim=9, **TINY).eval()
+    assert "emb_augment.weight" in net.state_dict() and float(net.augment_gain) == 0
+    with torch.no_grad():
+        net.out_gain.fill_(1.0)
+        x, c_noise, augment = torch.randn(2, 3, 8, 8), torch.zeros(2), torch.randn(2, 9)
+        base = net(x, c_noise)
+        assert torch.equal(net(x, c_noise, augment_labels=augment), base)  # ignored at initialisation
+        net.augment_gain.fill_(1.0)
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(1.0)
+        assert not torch.allclose(net(x, c_noise, augment_labels=augment), net(x, c_noise), atol=1e-4)

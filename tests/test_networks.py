@@ -24,6 +24,8 @@ SMALL = {
     "adm": dict(img_resolution=8, img_channels=3, model_channels=32, channel_mult=[1, 2], num_blocks=1,
                 attn_resolutions=[4], dropout=0.0),
     "mlp": dict(img_resolution=1, img_channels=2, hidden_channels=32, num_blocks=2, emb_channels=16),
+    "edm2": dict(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                 attn_resolutions=[4], channels_per_head=8),
 }
 
 

@@ -34,11 +34,11 @@ PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
                               resample_filter=[1, 3, 3, 1])),
     "adm": (DhariwalUNet, dict(model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
                                attn_resolutions=[32, 16, 8], dropout=0.10)),
+    "mlp": (MLP, dict(hidden_channels=256, num_blocks=4, emb_channels=128, embedding_type="positional",
+                      dropout=0.0)),
     # EDM2: NVlabs' UNet defaults (model_channels 192 = the S preset; EDM2_PRESETS holds the others).
     "edm2": (EDM2UNet, dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8],
                             dropout=0.0)),
-    "mlp": (MLP, dict(hidden_channels=256, num_blocks=4, emb_channels=128, embedding_type="positional",
-                      dropout=0.0)),
 }
 NAMES = tuple(PRESETS)
 

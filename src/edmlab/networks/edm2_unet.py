@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edmlab.networks.layers import batch_noise_labels, class_label_input
 from edmlab.networks.mp_layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
 __all__ = ["EDM2UNet", "EDM2Block", "EDM2_PRESETS"]
@@ -98,7 +99,7 @@ class EDM2UNet(nn.Module):
                  img_resolution: int,                       # image (or latent) resolution
                  img_channels: int,                         # image (or latent) channels
                  label_dim: int = 0,                        # number of classes, 0 = unconditional
-                 augment_dim: int = 0,                      # EDM2 uses no augmentation labels: must be 0
+                 augment_dim: int = 0,                      # augmentation labels (an edmlab extension), 0 = none
                  model_channels: int = 192,                 # base channel count (preset size)
                  channel_mult: Sequence[int] = (1, 2, 3, 4),  # channel multiplier per resolution
                  channel_mult_noise: int | None = None,     # noise-embedding size / model_channels (None: mult[0])
@@ -115,10 +116,8 @@ class EDM2UNet(nn.Module):
                  clip_act: float | None = 256,              # clip block outputs; None = no clipping
                  ) -> None:
         super().__init__()
-        if augment_dim:
-            raise ValueError("network edm2 takes no augmentation labels: set model.augment_pipe=null")
         self.img_resolution, self.img_channels = img_resolution, img_channels
-        self.label_dim, self.augment_dim = label_dim, 0
+        self.label_dim, self.augment_dim = label_dim, augment_dim
         self.out_channels = img_channels
         self.label_balance, self.concat_balance = label_balance, concat_balance
         self.label_dropout = label_dropout
@@ -133,6 +132,10 @@ class EDM2UNet(nn.Module):
         self.emb_fourier = MPFourier(cnoise)
         self.emb_noise = MPConv(cnoise, cemb, kernel=[])
         self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim else None
+        # Not in NVlabs' EDM2 (which trains without augmentation): EDM's augmentation labels enter the
+        # embedding through a zero-initialised gain, so the network starts out ignoring them.
+        self.emb_augment = MPConv(augment_dim, cemb, kernel=[]) if augment_dim else None
+        self.augment_gain = nn.Parameter(torch.zeros([])) if augment_dim else None
 
         # Encoder; the input gets a constant-ones channel so the first conv can make a bias.
         self.enc = nn.ModuleDict()
@@ -166,24 +169,22 @@ class EDM2UNet(nn.Module):
                                                                 attention=res in attn_resolutions, **block)
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
-    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+              augment_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
         """mp_silu(mp_sum(W_noise Fourier(c_noise), W_label sqrt(N) onehot)) (Fig. 21, embedding)."""
-        emb = self.emb_noise(self.emb_fourier(noise_labels.flatten().expand(batch) if noise_labels.numel() == 1
-                                              else noise_labels.flatten()))
-        if self.emb_label is not None:
-            if class_labels is None:  # as NVlabs: the zero label (what label dropout trains)
-                class_labels = torch.zeros([1, self.label_dim], device=emb.device)
-            labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-            if self.training and self.label_dropout:
-                keep = torch.rand([labels.shape[0], 1], device=labels.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
+        emb = self.emb_noise(self.emb_fourier(batch_noise_labels(noise_labels, batch)))
+        if self.emb_label is not None:  # no labels: the zero label, as NVlabs (and what label dropout trains)
+            labels = class_label_input(class_labels, self.label_dim, batch, torch.float32, emb.device,
+                                       self.label_dropout, self.training)
             emb = mp_sum(emb, self.emb_label(labels * math.sqrt(labels.shape[1])).to(emb.dtype),
                          t=self.label_balance)
+        if self.emb_augment is not None and augment_labels is not None:
+            emb = emb + self.emb_augment(augment_labels.to(emb.dtype), gain=self.augment_gain)
         return mp_silu(emb)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(noise_labels, class_labels, x.shape[0])
+        emb = self.embed(noise_labels, class_labels, augment_labels, x.shape[0])
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
