@@ -1,6 +1,7 @@
 """Convert an official EDM snapshot (network-snapshot-*.pkl) to an edmlab checkpoint, running nothing from it.
 
     python scripts/convert_edm_checkpoint.py edm-cifar10-32x32-cond-vp.pkl edm-cifar10-cond-vp.pt
+    python scripts/convert_edm_checkpoint.py edm2-img512-s-2147483-0.130.pkl edm2-img512-s.pt   # EDM2 too
 """
 
 from __future__ import annotations

@@ -123,6 +123,7 @@ def test_latent_training_and_decoding_sampler(tmp_path, image_folder, vae_dir):
                                  "callbacks.checkpoint.snapshot_every_kimg=null"])
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "last_ema.pt"
+    assert list(ckpt.parent.glob("phema-*.pt"))  # post-hoc EMA profiles go with every checkpoint
     assert encoder_config_of_checkpoint(ckpt)["vae_name"] == str(vae_dir)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         scfg = compose("sample", overrides=[f"ckpt={ckpt}", "seeds=0-1", f"outdir={tmp_path / 'out'}",

@@ -8,6 +8,8 @@ objects, reduced to `_reconstruct_persistent_obj(meta)` with meta = dict(type, v
 class_name, state). NVlabs' loader `exec`s `module_src`; here a restricted unpickler turns every such object
 into an inert record, allows only the globals that tensors and containers need, and edmlab rebuilds the
 matching network from the recorded constructor arguments. Nothing stored in the file is ever run.
+NVlabs/edm2 snapshots (`Precond` holding `unet` and the log-variance head, float16, plus the encoder's
+latent scale/bias as numpy arrays) are read the same way (`_read_edm2_snapshot`).
 """
 
 from __future__ import annotations
