@@ -124,7 +124,8 @@ def write_report(result: dict, run_dir: Path, wall: float | None) -> Path:
         *[f"| {name} | {'**' if (name.startswith('post-hoc') and float(name.split()[-1]) == best[0]) else ''}"
           f"{fd:.3f}{'**' if (name.startswith('post-hoc') and float(name.split()[-1]) == best[0]) else ''} |"
           for name, fd in rows],
-        f"| real digits: one random half vs the other (898 vs 899; not a matched floor for 500 samples) | {result['floor']:.3f} |", "",
+        "| real digits: one random half vs the other (898 vs 899; not a matched floor for 500 samples) | "
+        f"{result['floor']:.3f} |", "",
         f"Best sigma_rel on this run: {best[0]:.2f} (FD {best[1]:.3f}). Learned log-variance u(sigma) of the "
         "loss at sigma = 0.01, 0.1, 0.5, 1, 5, 50: " + ", ".join(f"{v:.2f}" for v in result["u"]) + ".", "",
         "Reproduce: `python benchmarks/edm2_phema.py` (trains, sweeps, rewrites this file); "
