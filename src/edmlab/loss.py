@@ -110,12 +110,12 @@ class FMLoss(Recipe):
         return ((1 + sigma) / sigma) ** 2
 
 
-_RECIPES: dict[str, type[Recipe]] = {c.name: c for c in (VPLoss, VELoss, EDMLoss, EDM2Loss, FMLoss)}
+_RECIPES: dict[str, type[Recipe]] = {c.name: c for c in (VPLoss, VELoss, EDMLoss, FMLoss, EDM2Loss)}
 NAMES = tuple(_RECIPES)
 
 
 def get(name: str, **params) -> Recipe:
-    """A training recipe by name: "vp", "ve", "edm", "edm2", "fm"."""
+    """A training recipe by name: "vp", "ve", "edm", "fm", "edm2"."""
     if name not in _RECIPES:
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(NAMES)}")
     return _RECIPES[name](**params)
