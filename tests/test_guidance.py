@@ -1,5 +1,6 @@
 """Guidance against exact answers: class-conditional ideal denoisers and a Heun loop written out here."""
 
+import functools
 import math
 
 import pytest
@@ -139,10 +140,19 @@ def test_per_item_sigma_inside_and_outside():
     torch.testing.assert_close(out, torch.where(inside, G + 2.0 * (D - G), D), rtol=0, atol=1e-14)
 
 
-def test_network_cfg_is_one_batched_forward():
-    torch.manual_seed(0)
+def tiny_network(seed):
+    """A small conditional DDPM++ with random weights everywhere (its zero-initialised output would ignore labels)."""
+    torch.manual_seed(seed)
     net = build("ddpmpp", img_resolution=8, img_channels=1, label_dim=3, model_channels=16, channel_mult=[1],
                 num_blocks=1, attn_resolutions=[])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    return net
+
+
+def test_network_cfg_is_one_batched_forward():
+    net = tiny_network(0)
     denoiser = Denoiser(net.double(), "iddpm").eval()
     g = GuidedDenoiser(denoiser, 2.0)
     forwards = []
@@ -153,6 +163,7 @@ def test_network_cfg_is_one_batched_forward():
         out = g(x, 1.5, labels)
         D, G = denoiser(x, 1.5, labels), denoiser(x, 1.5, None)
     assert forwards[0] == 8 and g.nfe == 1  # [cond; uncond] as one batch of 2N
+    assert (D - G).abs().max() > 1e-3
     torch.testing.assert_close(out, G + 2.0 * (D - G), rtol=1e-10, atol=1e-10)
     # the attributes samplers read are the wrapped denoiser's
     assert g.label_dim == 3 and g.kind == "iddpm" and g.sigma_max == denoiser.sigma_max
@@ -167,3 +178,67 @@ def test_bad_settings():
         GuidedDenoiser(MODEL, 2.0, interval=(5.0, 1.0))
     with pytest.raises(ValueError, match="finite"):
         GuidedDenoiser(MODEL, math.nan)
+
+
+def tiny_checkpoint(path, seed):
+    from edmlab import interop
+
+    return interop.save_denoiser(Denoiser(tiny_network(seed)), path)
+
+
+def test_sample_cli_guidance(tmp_path):
+    """`python sample.py ckpt=... guidance=2 guide=... guidance_interval=[...]` = generate() on the guided denoiser."""
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from edmlab.cli.sample import CONFIG_DIR, run
+    from edmlab.generate import generate_batch, load_denoiser_any, to_uint8_nhwc
+
+    ckpt, weak = tiny_checkpoint(tmp_path / "a.pt", 0), tiny_checkpoint(tmp_path / "b.pt", 1)
+    common = [f"ckpt={ckpt}", "seeds=0-2", "num_steps=4", "format=npz", "progress=false", "device=cpu"]
+    heun = functools.partial(sample, solver="heun", num_steps=4)
+    for extra, wrapped in [
+        ([], load_denoiser_any(ckpt)),
+        (["guidance=2"], GuidedDenoiser(load_denoiser_any(ckpt), 2.0)),
+        (["guidance=3", f"guide={weak}", "guidance_interval=[0.28,5.42]"],
+         GuidedDenoiser(load_denoiser_any(ckpt), 3.0, guide=load_denoiser_any(weak), interval=(0.28, 5.42))),
+    ]:
+        out = tmp_path / f"out{len(extra)}"
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            run(compose("sample", overrides=[*common, *extra, f"outdir={out}"]))
+        with np.load(out / "samples.npz") as f:
+            images = f["images"]
+        np.testing.assert_array_equal(images, to_uint8_nhwc(generate_batch(wrapped, [0, 1, 2], heun)[0]))
+        if not extra:
+            unguided = images
+    assert not np.array_equal(images, unguided)
+
+
+def test_preview_grid_takes_a_guidance_setting():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from edmlab.grid import render, sample_grid
+    from edmlab.training.samples import draw_samples
+
+    denoiser = Denoiser(tiny_network(0)).eval()
+    module = SimpleNamespace(ema=SimpleNamespace(module=denoiser), data_shape=[1, 8, 8], label_dim=3, device="cpu")
+    heun = functools.partial(sample, solver="heun", num_steps=4)
+    image = np.asarray(draw_samples(module, heun, per_class=2, guidance=2.0, guidance_interval=[0.1, 10.0]))
+    expected = render(*sample_grid(GuidedDenoiser(denoiser, 2.0, interval=(0.1, 10.0)), heun, [1, 8, 8],
+                                   label_dim=3, per_class=2), per_class=2)
+    np.testing.assert_array_equal(image, np.asarray(expected))
+    assert not np.array_equal(image, np.asarray(draw_samples(module, heun, per_class=2)))
+
+
+@pytest.mark.parametrize("experiment", [None, "digits_edm", "cifar_edm"])
+def test_conditional_experiments_train_with_label_dropout(experiment):
+    from hydra import compose, initialize_config_dir
+
+    from edmlab.cli.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"] if experiment else [])
+    assert cfg.data.use_labels and cfg.network.label_dropout == 0.1
+    assert cfg.callbacks.sample_grid.guidance == 1.0
