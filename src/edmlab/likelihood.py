@@ -27,7 +27,7 @@ import torch
 from edmlab import process as processes
 from edmlab.process import NoiseProcess
 
-__all__ = ["log_likelihood", "bits_per_dim", "dequantize", "hutchinson_probes", "DIVERGENCES"]
+__all__ = ["log_likelihood", "bits_per_dim", "dequantize", "hutchinson_probes", "image_bits_per_dim", "DIVERGENCES"]
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 DIVERGENCES = ("exact", "hutchinson")
@@ -129,12 +129,39 @@ def dequantize(pixels: torch.Tensor, generator: Generator = None) -> torch.Tenso
     if u.min() < 0 or u.max() > 255:
         raise ValueError(f"dequantize expects 8-bit pixel values in [0, 255], got [{u.min():g}, {u.max():g}]")
     if isinstance(generator, Sequence):
-        noise = torch.stack([torch.rand(u.shape[1:], generator=g, dtype=torch.float64) for g in generator])
+        noise = torch.stack([torch.rand(u.shape[1:], generator=g, dtype=torch.float64, device=u.device)
+                             for g in generator])
     else:
-        noise = torch.rand(u.shape, generator=generator, dtype=torch.float64)
-    return (u + noise.to(u.device) - 0.5) / 127.5 - 1
+        noise = torch.rand(u.shape, generator=generator, dtype=torch.float64, device=u.device)
+    return (u + noise - 0.5) / 127.5 - 1
 
 
 def bits_per_dim(log_p: torch.Tensor, dim: int, bin_width: float = 1 / 127.5) -> torch.Tensor:
     """-log2 P(u) / d for 8-bit data: the dequantized density's bound log P >= log p(x) + d ln(bin_width)."""
     return -(log_p + dim * math.log(bin_width)) / (dim * math.log(2))
+
+
+def image_bits_per_dim(denoiser: Callable, pixels: torch.Tensor, labels: torch.Tensor | None = None, *,
+                       seeds: Sequence[int] | None = None, batch_size: int = 64,
+                       progress: Callable[[int], None] | None = None, **ode) -> dict[str, torch.Tensor]:
+    """Per image: dequantized log-likelihood (nats) and bits/dim of 8-bit `pixels` [N, C, H, W].
+
+    Image i draws its dequantization noise and then its Hutchinson probe from torch.Generator(seeds[i])
+    (default seed i), so its value does not depend on the batch. `ode` goes to `log_likelihood`;
+    `progress(n)` is called after each batch of n images.
+    """
+    seeds = list(range(len(pixels))) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != len(pixels):
+        raise ValueError(f"got {len(seeds)} seeds for {len(pixels)} images; pass one per image")
+    params = list(denoiser.parameters()) if isinstance(denoiser, torch.nn.Module) else []
+    device = params[0].device if params else pixels.device
+    log_p = []
+    for lo in range(0, len(pixels), batch_size):
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[lo:lo + batch_size]]
+        x = dequantize(pixels[lo:lo + batch_size].to(device), gens)
+        y = None if labels is None else labels[lo:lo + batch_size].to(device)
+        log_p.append(log_likelihood(denoiser, x, class_labels=y, generator=gens, **ode).cpu())
+        if progress is not None:
+            progress(len(gens))
+    log_p_all = torch.cat(log_p)
+    return {"log_p": log_p_all, "bits_per_dim": bits_per_dim(log_p_all, pixels[0].numel())}
