@@ -164,7 +164,7 @@ def write_report(table: dict, bpd: dict | None, note: str, interval, wall: float
             lines.append(f"| {what} | **{b['bpd']:.3f}** | {b['se']:.3f} | {b['seconds']:.0f} |")
         lines += ["", "The digits hold only 17 of the 256 grey levels, so these numbers are not comparable "
                   "with natural-image bits/dim.", ""]
-    lines += ["Reproduce: `OMP_NUM_THREADS=1 python benchmarks/guidance.py` (trains the run, ~4 min, then "
+    lines += ["Reproduce: `OMP_NUM_THREADS=1 python benchmarks/guidance.py` (trains the run first, then "
               "evaluates); `--run-dir DIR --guide CKPT` evaluates any conditional run folder (e.g. Fashion-MNIST).",
               ""]
     out.mkdir(parents=True, exist_ok=True)
@@ -177,10 +177,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, default=None, help="evaluate this run folder, no training")
     parser.add_argument("--guide", type=Path, default=None, help="autoguidance guide (default: earliest snapshot)")
-    parser.add_argument("--per-class", type=int, default=40)
+    parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--interval", type=float, nargs=2, default=[0.28, 5.42])
-    parser.add_argument("--bpd-images", type=int, default=200)
+    parser.add_argument("--bpd-images", type=int, default=120)
     parser.add_argument("--bpd-steps", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", default=None,
