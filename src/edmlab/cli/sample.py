@@ -20,6 +20,7 @@ from edmlab.generate import (
     parse_seeds,
     resolve_checkpoint,
 )
+from edmlab.guidance import guided
 
 __all__ = ["main", "run", "resolve_device", "ckpt_name", "CONFIG_DIR"]
 
@@ -94,6 +95,9 @@ def run(cfg: DictConfig) -> GenerateResult:
     device = resolve_device(str(cfg.device))
     seeds = parse_seeds(OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds)
     denoiser = load_denoiser_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device)
+    guide = load_denoiser_any(cfg.guide, map_location=device) if cfg.get("guide") else None
+    interval = list(cfg.guidance_interval) if cfg.get("guidance_interval") is not None else None
+    denoiser = guided(denoiser, float(cfg.get("guidance", 1.0)), guide=guide, interval=interval)
     sampler_cfg = _sampler_config(cfg)
     sampler = _decoding(instantiate(sampler_cfg), cfg)
     shape = list(cfg.shape) if cfg.get("shape") is not None else None
@@ -103,6 +107,9 @@ def run(cfg: DictConfig) -> GenerateResult:
     settings = {"ckpt": str(resolve_checkpoint(cfg.ckpt).resolve()), "use_ema": bool(cfg.use_ema),
                 "sampler": solver, "class_labels": class_labels, "device_type": device.type, "shape": shape,
                 "decode": str(cfg.get("decode", "auto"))}
+    if float(cfg.get("guidance", 1.0)) != 1:  # guidance = 1 is the unguided sampler: older folders stay valid
+        settings["guidance"] = {"w": float(cfg.guidance), "interval": interval,
+                                "guide": str(resolve_checkpoint(cfg.guide).resolve()) if guide else None}
     if rank == 0:
         log.info(f"{cfg.ckpt}: {type(denoiser.net).__name__}, precond {denoiser.kind}, label_dim "
                  f"{denoiser.label_dim}; {len(seeds)} seed(s) on {world_size} process(es), {device}; {solver}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +12,7 @@ import PIL.Image
 from lightning.pytorch.callbacks import Callback
 
 from edmlab.grid import render, sample_grid, save_png
+from edmlab.guidance import guided
 from edmlab.training.progress import crossed_kimg, tick_name
 
 __all__ = ["SampleGrid", "draw_samples"]
@@ -20,9 +21,14 @@ log = logging.getLogger(__name__)
 
 
 def draw_samples(pl_module: L.LightningModule, sampler: Callable, *, per_class: int = 10,
-                 num_unconditional: int = 64, seed: int = 0, scale: int = 1) -> PIL.Image.Image:
-    """The EMA denoiser's grid: one row per class (or a square of unconditional samples / a 2-D scatter)."""
-    samples, labels = sample_grid(pl_module.ema.module, sampler, pl_module.data_shape,
+                 num_unconditional: int = 64, seed: int = 0, scale: int = 1, guidance: float = 1.0,
+                 guidance_interval: Sequence[float] | None = None) -> PIL.Image.Image:
+    """The EMA denoiser's grid: one row per class (or a square of unconditional samples / a 2-D scatter).
+
+    guidance = w != 1 draws with classifier-free guidance (conditional models only).
+    """
+    denoiser = guided(pl_module.ema.module, guidance, interval=guidance_interval)
+    samples, labels = sample_grid(denoiser, sampler, pl_module.data_shape,
                                   label_dim=pl_module.label_dim, per_class=per_class,
                                   num_unconditional=num_unconditional, seed=seed, device=pl_module.device)
     return render(samples, labels, per_class, scale=scale)
@@ -52,6 +58,8 @@ class SampleGrid(Callback):
                  seed: int = 0,                      # first seed; image i uses seed + i
                  scale: int = 1,                     # nearest-neighbour upscaling of the saved grid
                  at_train_end: bool = True,
+                 guidance: float = 1.0,              # classifier-free guidance weight w (1: none)
+                 guidance_interval: Sequence[float] | None = None,  # [sigma_lo, sigma_hi] where w applies
                  ) -> None:
         self.sampler = sampler
         self.dirpath = Path(dirpath)
@@ -59,18 +67,26 @@ class SampleGrid(Callback):
         self.per_class, self.num_unconditional = per_class, num_unconditional
         self.seed, self.scale = seed, scale
         self.at_train_end = at_train_end
+        self.guidance, self.guidance_interval = float(guidance), guidance_interval
         self._seen_step = -1
         self._drawn_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seen_step = trainer.global_step
+        if self.guidance != 1 and pl_module.label_dim == 0:
+            raise ValueError(f"callbacks.sample_grid.guidance={self.guidance:g} needs a class-conditional model; "
+                             "this one is unconditional (label_dim=0): set guidance to 1")
+        if self.guidance != 1 and not getattr(pl_module.denoiser.net, "label_dropout", 0):
+            log.warning("sample_grid.guidance != 1, but the network trains without label dropout: its "
+                        "unconditional branch is untrained (set network.label_dropout, e.g. 0.1)")
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         self._drawn_step = trainer.global_step
         if not trainer.is_global_zero:
             return None
         image = draw_samples(pl_module, self.sampler, per_class=self.per_class,
-                             num_unconditional=self.num_unconditional, seed=self.seed, scale=self.scale)
+                             num_unconditional=self.num_unconditional, seed=self.seed, scale=self.scale,
+                             guidance=self.guidance, guidance_interval=self.guidance_interval)
         kimg = trainer.global_step * pl_module.batch_size / 1000
         name = tick_name("samples", trainer.global_step, pl_module.batch_size, self.every_kimg, ".png")
         path = save_png(image, self.dirpath / name)
