@@ -15,14 +15,16 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from edmlab.cli.resolvers import global_rank, register, repo_root
+
+if TYPE_CHECKING:  # Lightning is imported when training starts: `train.py --help` stays quick
+    import lightning as L
 
 __all__ = ["main", "train", "build_model", "CONFIG_DIR"]
 
@@ -146,6 +148,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _share_run_dir_with_ranks(output_dir)
     _apply_extras(cfg)
     if cfg.get("seed") is not None:
+        import lightning as L
+
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # same initial weights on every rank
 
     requested = cfg.get("ckpt_path")
