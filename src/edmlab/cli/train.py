@@ -123,9 +123,13 @@ def _apply_extras(cfg: DictConfig) -> None:
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
-    if extras.get("allow_tf32") is not None and torch.cuda.is_available():
+    if extras.get("allow_tf32") is not None:
         torch.backends.cuda.matmul.allow_tf32 = bool(extras.allow_tf32)
         torch.backends.cudnn.allow_tf32 = bool(extras.allow_tf32)
+    if extras.get("attention"):
+        from edmlab.networks.layers import set_attention
+
+        set_attention(str(extras.attention))
     if extras.get("cudnn_benchmark") is not None:
         torch.backends.cudnn.benchmark = bool(extras.cudnn_benchmark)
     if extras.get("print_config") and global_rank() == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
