@@ -1,0 +1,336 @@
+"""Training and sampling throughput, edmlab against a plain PyTorch loop of the same math, side by side.
+
+Training, three ways on one device in one process, in interleaved rounds over the same batches:
+  (a) plain:   a loop written here in NVlabs/edm's shape: EDM loss, backward, Adam, parameter-loop EMA, fp32;
+  (b) edmlab:  what `python train.py` builds with default settings (EDMModule + Lightning Trainer + callbacks);
+  (c) fast:    (b) with trainer=gpu_fast's switches (bf16 autocast, TF32, channels_last, fused Adam, SDPA).
+Sampling: images/s of edmlab.generate (what sample.py runs) at 35 NFE against 35 x one network forward at the
+same batch (the sampler's overhead), and `python sample.py` end to end for the digits net.
+
+    python benchmarks/speed.py                  # this machine's CPU (or GPU), bounded to ~10 minutes on 2 cores
+    python benchmarks/speed.py --device cuda    # the recipe's per-GPU batches
+
+Writes benchmarks/results/speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+NFE = 35  # EDM's CIFAR-10 sampler: 18 Heun steps
+
+# name -> (overrides, image shape, label_dim, batch on CPU, batch on GPU); CPU rows use tiny batches
+MODELS = {
+    "digits (unet_small, 0.98M)": (["experiment=digits_edm"], (1, 8, 8), 10, 128, 128),
+    "cifar_edm DDPM++ (55.7M)": (["experiment=cifar_edm"], (3, 32, 32), 10, 4, 64),
+    "ADM 64x64": (["experiment=cifar_edm", "network=adm", "model.augment_pipe=null"], (3, 64, 64), 1000, 2, 64),
+}
+ADM_CPU = ["network.model_channels=32"]  # a narrow ADM on CPU (the full 296M one needs minutes per step here)
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+class Clock:
+    """Step intervals after `warmup` steps (synchronised on CUDA) and the peak memory of one segment."""
+
+    def __init__(self, device: torch.device, warmup: int) -> None:
+        self.device, self.warmup, self.intervals, self._last, self._count = device, warmup, [], None, 0
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        status = Path("/proc/self/status").read_text()
+        return float(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+    def tick(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self._last is not None and self._count > self.warmup:
+            self.intervals.append(now - self._last)
+        self._last, self._count = now, self._count + 1
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import edmlab.cli  # noqa: F401 - the edmlab.* resolvers
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def datamodule_for(cfg, shape, label_dim: int, device: torch.device):
+    """The config's data module for digits; synthetic uint8 images of the right shape otherwise (no download)."""
+    from hydra.utils import instantiate
+
+    from edmlab.data import ImageDataModule
+    from edmlab.data.images import ArrayImageDataset
+
+    if shape == (1, 8, 8):
+        return instantiate(cfg.data)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(256, *shape), dtype=np.uint8)
+    dataset = ArrayImageDataset(images, rng.integers(0, label_dim, size=256), label_dim=label_dim, name="synthetic")
+    return ImageDataModule(dataset, batch_size=int(cfg.data.batch_size), pin_memory=device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------ the three ways
+def plain_loop(cfg, datamodule, model, device: torch.device, steps: int, clock: Clock) -> None:
+    """(a) NVlabs/edm training_loop.py's step, written out: no framework, fp32, TF32 off."""
+    denoiser, augment_pipe = model.denoiser.to(device).train(), model.augment_pipe
+    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    batch, sigma_data = model.batch_size, float(denoiser.sigma_data)
+    P_mean, P_std = float(cfg.loss.get("P_mean", -1.2)), float(cfg.loss.get("P_std", 1.2))
+    opt = torch.optim.Adam(denoiser.parameters(), lr=float(cfg.optim.lr), betas=tuple(cfg.optim.betas),
+                           eps=float(cfg.optim.eps))
+    batches = iter(datamodule.batches())
+    for step in range(steps):
+        images, labels = next(batches)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True) if labels is not None and model.label_dim else None
+        for group in opt.param_groups:  # linear LR ramp in images
+            group["lr"] = float(cfg.optim.lr) * min(step * batch / 1000 / float(cfg.model.lr_rampup_kimg), 1)
+        sigma = (torch.randn(len(images), device=device) * P_std + P_mean).exp()
+        weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        view = sigma.reshape(-1, 1, 1, 1)
+        noise = torch.randn_like(y) * view
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+        D = denoiser(y + noise, sigma, labels, **extra)
+        loss = (weight.reshape(-1, 1, 1, 1) * (D - y) ** 2).sum(dim=(1, 2, 3)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in denoiser.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt.step()
+        halflife = min(float(cfg.model.ema_halflife_kimg) * 1000, step * batch * float(cfg.model.ema_rampup_ratio))
+        beta = 0.5 ** (batch / max(halflife, 1e-8))
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), denoiser.parameters(), strict=True):
+                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        clock.tick()
+
+
+def lightning_run(cfg, datamodule, model, device: torch.device, steps: int, clock: Clock) -> None:
+    """(b)/(c): the Trainer, callbacks and loggers of train.py from the composed config."""
+    from lightning.pytorch.callbacks import Callback
+
+    from edmlab.cli.train import _apply_extras, _instantiate_all, _make_trainer
+
+    class Tick(Callback):
+        def on_train_batch_end(self, *args) -> None:
+            clock.tick()
+
+    _apply_extras(cfg)
+    with _quiet_lightning():
+        trainer = _make_trainer(cfg, [*_instantiate_all(cfg.get("callbacks"), "callbacks"), Tick()],
+                                _instantiate_all(cfg.get("logger"), "logger"))
+        trainer.fit(model, datamodule=datamodule)
+
+
+class _quiet_lightning:
+    def __enter__(self):
+        import logging
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        self._levels = {n: logging.getLogger(n).level for n in ("lightning", "lightning.pytorch", "edmlab")}
+        for n in self._levels:
+            logging.getLogger(n).setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        import logging
+
+        for n, level in self._levels.items():
+            logging.getLogger(n).setLevel(level)
+        self._warnings.__exit__(*exc)
+
+
+def bench_training(name: str, device: torch.device, rounds: int, steps: int, warmup: int, tmp: Path) -> dict:
+    from edmlab.cli.train import build_model
+    from edmlab.networks.layers import set_attention
+
+    overrides, shape, label_dim, cpu_batch, gpu_batch = MODELS[name]
+    batch = gpu_batch if device.type == "cuda" else cpu_batch
+    accel = "gpu" if device.type == "cuda" else "cpu"
+    common = [*overrides, *(ADM_CPU if "ADM" in name and device.type == "cpu" else []), f"data.batch_size={batch}",
+              "logger=csv", "extras.print_config=false", f"paths.output_dir={tmp}/{abs(hash(name))}",
+              f"paths.log_dir={tmp}/logs", "trainer.enable_model_summary=false", "data.num_workers=0",
+              f"trainer.max_steps={warmup + 1 + steps}"]
+    ways = {"plain": [*common, f"trainer={accel}"], "edmlab": [*common, f"trainer={accel}"],
+            "fast": [*common, "trainer=gpu_fast", f"trainer.accelerator={accel}"]}
+    results = {w: {"intervals": [], "peak": []} for w in ways}
+    for r in range(rounds):
+        order = list(ways) if r % 2 == 0 else list(reversed(ways))
+        for way in order:
+            cfg = compose(ways[way])
+            torch.manual_seed(0)
+            datamodule = datamodule_for(cfg, shape, label_dim, device)
+            _, model = build_model(cfg, datamodule=datamodule)
+            clock = Clock(device, warmup)
+            clock.reset_peak()
+            if way == "plain":
+                set_attention("einsum")
+                plain_loop(cfg, datamodule, model, device, warmup + 1 + steps, clock)
+            else:
+                lightning_run(cfg, datamodule, model, device, warmup + 1 + steps, clock)
+                set_attention("einsum")
+            results[way]["intervals"] += clock.intervals
+            results[way]["peak"].append(clock.peak_mib())
+            del model, datamodule
+    params = sum(p.numel() for p in build_model(compose(ways["plain"]), datamodule=datamodule_for(
+        compose(ways["plain"]), shape, label_dim, device))[1].denoiser.parameters())
+    out = {"batch": batch, "params": params}
+    for way, res in results.items():
+        out[way] = {"img_s": batch / statistics.median(res["intervals"]), "steps": len(res["intervals"]),
+                    "peak_mib": max(res["peak"])}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- sampling
+def bench_sampling(name: str, device: torch.device, rounds: int, tmp: Path) -> dict:
+    from hydra.utils import instantiate
+
+    from edmlab.cli.train import build_model
+    from edmlab.generate import generate
+
+    overrides, shape, label_dim, cpu_batch, gpu_batch = MODELS[name]
+    batch = 64 if shape == (1, 8, 8) else (gpu_batch if device.type == "cuda" else cpu_batch)
+    cfg = compose([*overrides, *(ADM_CPU if "ADM" in name and device.type == "cpu" else []), "logger=csv",
+                   "extras.print_config=false"])
+    _, model = build_model(cfg, datamodule=datamodule_for(cfg, shape, label_dim, device))
+    denoiser = model.ema.module.to(device).eval()
+    sampler = instantiate(cfg.sampler)
+    x = torch.randn(batch, *shape, device=device)
+    labels = torch.eye(label_dim, device=device)[torch.arange(batch, device=device) % label_dim]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen, net = [], []
+    with torch.no_grad():
+        denoiser(x, torch.full((batch,), 1.0, device=device), labels)
+        for r in range(rounds):
+            sync()
+            t0 = time.perf_counter()
+            generate(denoiser, list(range(r * batch, (r + 1) * batch)), tmp / f"gen{r}", sampler, batch_size=batch,
+                     class_labels="all", format="npz", device=device, progress=False)
+            sync()
+            gen.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for _ in range(NFE):
+                denoiser(x, torch.full((batch,), 1.0, device=device), labels)
+            sync()
+            net.append(time.perf_counter() - t0)
+    g, n = statistics.median(gen), statistics.median(net)
+    return {"batch": batch, "gen_img_s": batch / g, "net_img_s": batch / n, "overhead": g / n - 1}
+
+
+def sample_py_end_to_end(tmp: Path, runs: int = 3) -> dict:
+    """`python sample.py` for 64 digits images (a fresh process each) against its network time alone."""
+    from edmlab import interop
+    from edmlab.cli.train import build_model
+
+    cfg = compose(["experiment=digits_edm", "logger=csv", "extras.print_config=false"])
+    _, model = build_model(cfg)
+    ckpt = interop.save_denoiser(model.ema.module, tmp / "digits.pt")
+    walls = []
+    for r in range(runs):
+        cmd = [sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", "seeds=0-63", "device=cpu", "format=npz",
+               "progress=false", f"outdir={tmp}/e2e{r}"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**__import__("os").environ,
+                                                                               "PYTHONPATH": str(ROOT / "src")})
+        walls.append(time.perf_counter() - t0)
+    return {"wall_s": statistics.median(walls)}
+
+
+# --------------------------------------------------------------------------------------------- report
+def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | None, seconds: float) -> Path:
+    lines = ["# Training and sampling speed", "",
+             f"`python benchmarks/speed.py{' --device cuda' if device.type == 'cuda' else ''}` on {_machine(device)}; "
+             f"{seconds:.0f} s in all, torch {torch.__version__}.", ""]
+    if device.type == "cpu":
+        lines += ["**GPU rows: unmeasured.** No GPU was lent to this run; `python benchmarks/speed.py --device cuda` "
+                  "measures them (the recipe's per-GPU batches). Every GPU-only switch is covered by a CPU test of "
+                  "what it computes (tests/test_fast_path.py). On CPU the batches are tiny, the ADM is narrowed "
+                  f"({ADM_CPU[0]}) and bf16 autocast is emulated, so (c) is no forecast of a GPU.", ""]
+    lines += ["## Training (median step, interleaved rounds)", "",
+              "(a) plain PyTorch loop in NVlabs/edm's shape (fp32, parameter-loop EMA); (b) edmlab as `train.py` "
+              "runs it by default (EDMModule + Lightning + checkpoint/sample-grid/progress callbacks + CSV logger); "
+              "(c) (b) with `trainer=gpu_fast`'s switches.", "",
+              "| model | params | batch | (a) plain img/s | (b) edmlab img/s | (c) fast img/s | (b)/(a) step time "
+              "| (c) vs (a) speed | peak MiB (a / b / c) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in train.items():
+        a, b, c = r["plain"], r["edmlab"], r["fast"]
+        peak = "process peak RSS" if device.type == "cpu" else "max allocated"
+        lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['batch']} | {a['img_s']:.1f} | {b['img_s']:.1f} | "
+                     f"{c['img_s']:.1f} | **{a['img_s'] / b['img_s']:.3f}** | {c['img_s'] / a['img_s']:.2f}x | "
+                     f"{a['peak_mib']:.0f} / {b['peak_mib']:.0f} / {c['peak_mib']:.0f} ({peak}) |")
+    lines += ["", f"Steps measured per way: {', '.join(str(r['plain']['steps']) for r in train.values())} "
+              "(after warm-up steps; each round builds the model afresh).", "",
+              f"## Sampling ({NFE} NFE, Heun)", "",
+              f"| model | batch | edmlab.generate img/s | {NFE} x forward img/s | sampler overhead |", "|---|---|---|---|---|"]
+    for name, r in sample.items():
+        lines.append(f"| {name} | {r['batch']} | {r['gen_img_s']:.1f} | {r['net_img_s']:.1f} | "
+                     f"{100 * r['overhead']:.1f}% |")
+    if e2e is not None:
+        net_s = 64 / sample["digits (unet_small, 0.98M)"]["net_img_s"]
+        lines += ["", f"`python sample.py` for 64 digits images, end to end (fresh process, median of 3): "
+                  f"{e2e['wall_s']:.2f} s = {e2e['wall_s'] / net_s:.1f}x its network time ({net_s:.2f} s)."]
+    path = RESULTS / "speed.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 3 CPU, 5 GPU)")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    t0 = time.perf_counter()
+    train, sample = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            small = name.startswith("digits")
+            rounds = args.rounds or (5 if gpu else (3 if small else 2))
+            steps, warmup = (50, 10) if gpu else ((30, 3) if small else (2, 1))
+            train[name] = bench_training(name, device, rounds, steps, warmup, Path(tmp))
+            print(name, {k: v for k, v in train[name].items()}, flush=True)
+            sample[name] = bench_sampling(name, device, 3 if small or gpu else 1, Path(tmp))
+            print(name, sample[name], flush=True)
+        e2e = sample_py_end_to_end(Path(tmp)) if "digits (unet_small, 0.98M)" in sample and not gpu else None
+    print(write_report(device, train, sample, e2e, time.perf_counter() - t0))
+
+
+if __name__ == "__main__":
+    main()
