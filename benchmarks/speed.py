@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import subprocess
@@ -259,14 +260,40 @@ def sample_py_end_to_end(tmp: Path, runs: int = 3) -> dict:
         cmd = [sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", "seeds=0-63", "device=cpu", "format=npz",
                "progress=false", f"outdir={tmp}/e2e{r}"]
         t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**__import__("os").environ,
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ,
                                                                                "PYTHONPATH": str(ROOT / "src")})
         walls.append(time.perf_counter() - t0)
     return {"wall_s": statistics.median(walls)}
 
 
+def end_of_run(device: torch.device) -> dict:
+    """What train.py does after the last step for the digits demo: final losses and the preview grid."""
+    from hydra.utils import instantiate
+
+    from edmlab.cli.train import _final_losses, build_model
+    from edmlab.training.samples import draw_samples
+
+    cfg = compose(["experiment=digits_edm", "logger=csv", "extras.print_config=false"])
+    datamodule, model = build_model(cfg)
+    datamodule.setup("fit")
+    model.to(device)
+    t0 = time.perf_counter()
+    _final_losses(model, datamodule, **cfg.final_losses)
+    t1 = time.perf_counter()
+    _final_losses(model, datamodule, num_images=int(cfg.final_losses.num_images), repeats=1)
+    t2 = time.perf_counter()
+    spec = cfg.final_samples
+    draw_samples(model, instantiate(cfg.sampler), per_class=spec.per_class, num_unconditional=spec.num_unconditional,
+                 seed=spec.seed, scale=spec.scale)
+    t3 = time.perf_counter()
+    return {"losses_s": t1 - t0, "losses_1_s": t2 - t1, "grid_s": t3 - t2,
+            "spec": f"{cfg.final_losses.num_images} images x {cfg.final_losses.repeats} repeats x 2 networks",
+            "grid": f"{spec.per_class} per class x 10 classes"}
+
+
 # --------------------------------------------------------------------------------------------- report
-def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | None, seconds: float) -> Path:
+def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | None, end: dict | None,
+                 seconds: float) -> Path:
     lines = ["# Training and sampling speed", "",
              f"`python benchmarks/speed.py{' --device cuda' if device.type == 'cuda' else ''}` on {_machine(device)}; "
              f"{seconds:.0f} s in all, torch {torch.__version__}.", ""]
@@ -290,7 +317,8 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
     lines += ["", f"Steps measured per way: {', '.join(str(r['plain']['steps']) for r in train.values())} "
               "(after warm-up steps; each round builds the model afresh).", "",
               f"## Sampling ({NFE} NFE, Heun)", "",
-              f"| model | batch | edmlab.generate img/s | {NFE} x forward img/s | sampler overhead |", "|---|---|---|---|---|"]
+              f"| model | batch | edmlab.generate img/s | {NFE} x forward img/s | sampler overhead |",
+              "|---|---|---|---|---|"]
     for name, r in sample.items():
         lines.append(f"| {name} | {r['batch']} | {r['gen_img_s']:.1f} | {r['net_img_s']:.1f} | "
                      f"{100 * r['overhead']:.1f}% |")
@@ -298,6 +326,11 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
         net_s = 64 / sample["digits (unet_small, 0.98M)"]["net_img_s"]
         lines += ["", f"`python sample.py` for 64 digits images, end to end (fresh process, median of 3): "
                   f"{e2e['wall_s']:.2f} s = {e2e['wall_s'] / net_s:.1f}x its network time ({net_s:.2f} s)."]
+    if end is not None:
+        lines += ["", "## After the last step (digits demo)", "",
+                  f"`final_losses` ({end['spec']}): {end['losses_s']:.1f} s ({end['losses_1_s']:.1f} s with "
+                  f"`final_losses.repeats=1`, none with `final_losses=null`); `final_samples` preview grid "
+                  f"({end['grid']}, {NFE} NFE): {end['grid_s']:.1f} s (none with `final_samples=null`)."]
     path = RESULTS / "speed.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -329,7 +362,9 @@ def main() -> None:
             sample[name] = bench_sampling(name, device, 3 if small or gpu else 1, Path(tmp))
             print(name, sample[name], flush=True)
         e2e = sample_py_end_to_end(Path(tmp)) if "digits (unet_small, 0.98M)" in sample and not gpu else None
-    print(write_report(device, train, sample, e2e, time.perf_counter() - t0))
+        end = end_of_run(device)
+        print(end, flush=True)
+    print(write_report(device, train, sample, e2e, end, time.perf_counter() - t0))
 
 
 if __name__ == "__main__":

@@ -205,8 +205,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result["output_dir"] = str(output_dir)
     stopped = any(getattr(c, "stopped_by_signal", None) for c in callbacks)
-    if trainer.is_global_zero and not stopped:
-        result.update(_final_losses(model, datamodule))
+    if trainer.is_global_zero and not stopped and cfg.get("final_losses"):
+        result.update(_final_losses(model, datamodule, **cfg.final_losses))
     if trainer.is_global_zero and not stopped and cfg.get("final_samples"):
         spec = cfg.final_samples
         image = draw_samples(model, instantiate(cfg.sampler), per_class=spec.per_class,
@@ -220,7 +220,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _final_losses(model, datamodule, num_images: int = 1024) -> dict[str, float]:
+def _final_losses(model, datamodule, num_images: int = 1024, repeats: int = 4) -> dict[str, float]:
     """EDM's loss of the EMA and the raw weights on a fixed subset of the data with fixed draws."""
     from edmlab.training.module import reference_loss
 
@@ -230,8 +230,8 @@ def _final_losses(model, datamodule, num_images: int = 1024) -> dict[str, float]
     images, labels = datamodule.collate([dataset[i] for i in idx])
     images = images.to(model.device)
     labels = labels.to(model.device) if labels is not None and model.label_dim else None
-    return {"final/ema_loss": reference_loss(model.ema.module, images, labels),
-            "final/loss": reference_loss(model.denoiser.eval(), images, labels)}
+    return {"final/ema_loss": reference_loss(model.ema.module, images, labels, repeats=repeats),
+            "final/loss": reference_loss(model.denoiser.eval(), images, labels, repeats=repeats)}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
