@@ -1,6 +1,6 @@
 """Training and sampling throughput, edmlab against a plain PyTorch loop of the same math, side by side.
 
-Training, three ways on one device in one process, in interleaved rounds over the same batches:
+Training, three ways on one device in one process, step by step in lockstep over the same batches:
   (a) plain:   a loop written here in NVlabs/edm's shape: EDM loss, backward, Adam, parameter-loop EMA, fp32;
   (b) edmlab:  what `python train.py` builds with default settings (EDMModule + Lightning Trainer + callbacks);
   (c) fast:    (b) with trainer=gpu_fast's switches (bf16 autocast, TF32, channels_last, fused Adam, SDPA).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import platform
 import statistics
@@ -43,31 +44,24 @@ ADM_CPU = ["network.model_channels=32"]  # a narrow ADM on CPU (the full 296M on
 
 
 # ------------------------------------------------------------------------------------------ plumbing
-class Clock:
-    """Step intervals after `warmup` steps (synchronised on CUDA) and the peak memory of one segment."""
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
-    def __init__(self, device: torch.device, warmup: int) -> None:
-        self.device, self.warmup, self.intervals, self._last, self._count = device, warmup, [], None, 0
 
-    def reset_peak(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
 
-    def peak_mib(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        status = Path("/proc/self/status").read_text()
-        return float(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
 
-    def tick(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        if self._last is not None and self._count > self.warmup:
-            self.intervals.append(now - self._last)
-        self._last, self._count = now, self._count + 1
+def peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status").read_text()
+    return float(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
 
 
 def compose(overrides: list[str]):
@@ -96,8 +90,11 @@ def datamodule_for(cfg, shape, label_dim: int, device: torch.device):
 
 
 # ------------------------------------------------------------------------------------ the three ways
-def plain_loop(cfg, datamodule, model, device: torch.device, steps: int, clock: Clock) -> None:
-    """(a) NVlabs/edm training_loop.py's step, written out: no framework, fp32, TF32 off."""
+def plain_steps(cfg, datamodule, model, device: torch.device):
+    """(a) NVlabs/edm training_loop.py's step, written out: no framework, fp32, TF32 off, EDM's attention ops.
+    A generator: one optimizer step per next(), so it can run in lockstep with a Lightning fit."""
+    from edmlab.networks import layers
+
     denoiser, augment_pipe = model.denoiser.to(device).train(), model.augment_pipe
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     batch, sigma_data = model.batch_size, float(denoiser.sigma_data)
@@ -105,7 +102,12 @@ def plain_loop(cfg, datamodule, model, device: torch.device, steps: int, clock: 
     opt = torch.optim.Adam(denoiser.parameters(), lr=float(cfg.optim.lr), betas=tuple(cfg.optim.betas),
                            eps=float(cfg.optim.eps))
     batches = iter(datamodule.batches())
-    for step in range(steps):
+    backends = torch.backends
+    for step in itertools.count():
+        # the other way may have switched these process-wide flags: (a) runs with EDM's
+        saved = (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, layers._attention["backend"])
+        backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = False
+        layers.set_attention("einsum")
         images, labels = next(batches)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) if labels is not None and model.label_dim else None
@@ -114,8 +116,7 @@ def plain_loop(cfg, datamodule, model, device: torch.device, steps: int, clock: 
         sigma = (torch.randn(len(images), device=device) * P_std + P_mean).exp()
         weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
         y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
-        view = sigma.reshape(-1, 1, 1, 1)
-        noise = torch.randn_like(y) * view
+        noise = torch.randn_like(y) * sigma.reshape(-1, 1, 1, 1)
         extra = {} if augment_labels is None else {"augment_labels": augment_labels}
         D = denoiser(y + noise, sigma, labels, **extra)
         loss = (weight.reshape(-1, 1, 1, 1) * (D - y) ** 2).sum(dim=(1, 2, 3)).mean()
@@ -130,24 +131,44 @@ def plain_loop(cfg, datamodule, model, device: torch.device, steps: int, clock: 
         with torch.no_grad():
             for p_ema, p_net in zip(ema.parameters(), denoiser.parameters(), strict=True):
                 p_ema.copy_(p_net.detach().lerp(p_ema, beta))
-        clock.tick()
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved[:2]
+        layers.set_attention(saved[2])
+        yield
 
 
-def lightning_run(cfg, datamodule, model, device: torch.device, steps: int, clock: Clock) -> None:
-    """(b)/(c): the Trainer, callbacks and loggers of train.py from the composed config."""
-    from lightning.pytorch.callbacks import Callback
-
+def lightning_fit(cfg, datamodule, model, extra_callbacks=()) -> None:
+    """(b)/(c): the Trainer, callbacks and loggers `train.py` builds from the composed config."""
     from edmlab.cli.train import _apply_extras, _instantiate_all, _make_trainer
-
-    class Tick(Callback):
-        def on_train_batch_end(self, *args) -> None:
-            clock.tick()
 
     _apply_extras(cfg)
     with _quiet_lightning():
-        trainer = _make_trainer(cfg, [*_instantiate_all(cfg.get("callbacks"), "callbacks"), Tick()],
+        trainer = _make_trainer(cfg, [*_instantiate_all(cfg.get("callbacks"), "callbacks"), *extra_callbacks],
                                 _instantiate_all(cfg.get("logger"), "logger"))
         trainer.fit(model, datamodule=datamodule)
+    from edmlab.networks.layers import set_attention
+
+    set_attention("einsum")
+
+
+def lockstep(plain, device: torch.device, warmup: int, times: dict):
+    """A callback: after each Lightning step, one plain step; both timed, so each pair shares the machine's load."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Lockstep(Callback):
+        def __init__(self) -> None:
+            self.count, self.t_start = 0, None
+
+        def on_train_batch_end(self, *args) -> None:
+            now = _sync(device)
+            if self.t_start is not None and self.count > warmup:
+                times["lightning"].append(now - self.t_start)
+            next(plain)
+            done = _sync(device)
+            if self.t_start is not None and self.count > warmup:
+                times["plain"].append(done - now)
+            self.t_start, self.count = done, self.count + 1
+
+    return Lockstep()
 
 
 class _quiet_lightning:
@@ -170,44 +191,53 @@ class _quiet_lightning:
         self._warnings.__exit__(*exc)
 
 
-def bench_training(name: str, device: torch.device, rounds: int, steps: int, warmup: int, tmp: Path) -> dict:
+def bench_training(name: str, device: torch.device, steps: int, warmup: int, tmp: Path) -> dict:
+    """Speed: (b) and (c) each in lockstep with their own (a); memory: each way alone for a few steps."""
+    import gc
+
     from edmlab.cli.train import build_model
-    from edmlab.networks.layers import set_attention
 
     overrides, shape, label_dim, cpu_batch, gpu_batch = MODELS[name]
     batch = gpu_batch if device.type == "cuda" else cpu_batch
     accel = "gpu" if device.type == "cuda" else "cpu"
     common = [*overrides, *(ADM_CPU if "ADM" in name and device.type == "cpu" else []), f"data.batch_size={batch}",
               "logger=csv", "extras.print_config=false", f"paths.output_dir={tmp}/{abs(hash(name))}",
-              f"paths.log_dir={tmp}/logs", "trainer.enable_model_summary=false", "data.num_workers=0",
-              f"trainer.max_steps={warmup + 1 + steps}"]
-    ways = {"plain": [*common, f"trainer={accel}"], "edmlab": [*common, f"trainer={accel}"],
+              f"paths.log_dir={tmp}/logs", "trainer.enable_model_summary=false", "data.num_workers=0"]
+    ways = {"edmlab": [*common, f"trainer={accel}"],
             "fast": [*common, "trainer=gpu_fast", f"trainer.accelerator={accel}"]}
-    results = {w: {"intervals": [], "peak": []} for w in ways}
-    for r in range(rounds):
-        order = list(ways) if r % 2 == 0 else list(reversed(ways))
-        for way in order:
-            cfg = compose(ways[way])
-            torch.manual_seed(0)
-            datamodule = datamodule_for(cfg, shape, label_dim, device)
-            _, model = build_model(cfg, datamodule=datamodule)
-            clock = Clock(device, warmup)
-            clock.reset_peak()
-            if way == "plain":
-                set_attention("einsum")
-                plain_loop(cfg, datamodule, model, device, warmup + 1 + steps, clock)
-            else:
-                lightning_run(cfg, datamodule, model, device, warmup + 1 + steps, clock)
-                set_attention("einsum")
-            results[way]["intervals"] += clock.intervals
-            results[way]["peak"].append(clock.peak_mib())
-            del model, datamodule
-    params = sum(p.numel() for p in build_model(compose(ways["plain"]), datamodule=datamodule_for(
-        compose(ways["plain"]), shape, label_dim, device))[1].denoiser.parameters())
-    out = {"batch": batch, "params": params}
-    for way, res in results.items():
-        out[way] = {"img_s": batch / statistics.median(res["intervals"]), "steps": len(res["intervals"]),
-                    "peak_mib": max(res["peak"])}
+
+    def build(way: str, max_steps: int):
+        cfg = compose([*ways[way], f"trainer.max_steps={max_steps}"])
+        torch.manual_seed(0)
+        datamodule = datamodule_for(cfg, shape, label_dim, device)
+        return cfg, datamodule, build_model(cfg, datamodule=datamodule)[1]
+
+    out: dict = {"batch": batch}
+    for way in ways:
+        times = {"plain": [], "lightning": []}
+        cfg, datamodule, model = build(way, warmup + 2 + steps)
+        plain_cfg, plain_data, plain_model = build("edmlab", 1)
+        out["params"] = sum(p.numel() for p in plain_model.denoiser.parameters())
+        plain = plain_steps(plain_cfg, plain_data, plain_model, device)
+        lightning_fit(cfg, datamodule, model, [lockstep(plain, device, warmup, times)])
+        ratios = [b / a for a, b in zip(times["plain"], times["lightning"], strict=True)]
+        out[way] = {"img_s": batch / statistics.median(times["lightning"]), "steps": len(ratios),
+                    "vs_plain": statistics.median(ratios),
+                    "plain_img_s": batch / statistics.median(times["plain"])}
+        del model, plain_model, plain
+        gc.collect()
+    for way in ("plain", *ways):  # peak memory, each way alone
+        cfg, datamodule, model = build("edmlab" if way == "plain" else way, 2)
+        reset_peak(device)
+        if way == "plain":
+            plain = plain_steps(cfg, datamodule, model, device)
+            next(plain), next(plain)
+        else:
+            lightning_fit(cfg, datamodule, model)
+        out.setdefault(way, {})["peak_mib"] = peak_mib(device)
+        del model, datamodule
+        gc.collect()
+    out["plain"]["img_s"] = statistics.median([out["edmlab"]["plain_img_s"], out["fast"]["plain_img_s"]])
     return out
 
 
@@ -302,20 +332,23 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
                   "measures them (the recipe's per-GPU batches). Every GPU-only switch is covered by a CPU test of "
                   "what it computes (tests/test_fast_path.py). On CPU the batches are tiny, the ADM is narrowed "
                   f"({ADM_CPU[0]}) and bf16 autocast is emulated, so (c) is no forecast of a GPU.", ""]
-    lines += ["## Training (median step, interleaved rounds)", "",
+    lines += ["## Training (median step, in lockstep)", "",
               "(a) plain PyTorch loop in NVlabs/edm's shape (fp32, parameter-loop EMA); (b) edmlab as `train.py` "
               "runs it by default (EDMModule + Lightning + checkpoint/sample-grid/progress callbacks + CSV logger); "
               "(c) (b) with `trainer=gpu_fast`'s switches.", "",
               "| model | params | batch | (a) plain img/s | (b) edmlab img/s | (c) fast img/s | (b)/(a) step time "
-              "| (c) vs (a) speed | peak MiB (a / b / c) |", "|---|---|---|---|---|---|---|---|---|"]
+              "| (c) speed / (a) | peak MiB (a / b / c) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in train.items():
         a, b, c = r["plain"], r["edmlab"], r["fast"]
         peak = "process peak RSS" if device.type == "cpu" else "max allocated"
         lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['batch']} | {a['img_s']:.1f} | {b['img_s']:.1f} | "
-                     f"{c['img_s']:.1f} | **{a['img_s'] / b['img_s']:.3f}** | {c['img_s'] / a['img_s']:.2f}x | "
+                     f"{c['img_s']:.1f} | **{b['vs_plain']:.3f}** | {1 / c['vs_plain']:.2f}x | "
                      f"{a['peak_mib']:.0f} / {b['peak_mib']:.0f} / {c['peak_mib']:.0f} ({peak}) |")
-    lines += ["", f"Steps measured per way: {', '.join(str(r['plain']['steps']) for r in train.values())} "
-              "(after warm-up steps; each round builds the model afresh).", "",
+    lines += ["", "Ratios are medians over step pairs: (b) and (c) each ran in lockstep with a plain loop of their "
+              "own (one plain step after every Lightning step, in the same process), so both steps of a pair "
+              "saw the same machine load. Pairs measured per model (after warm-up): "
+              f"{', '.join(str(r['edmlab']['steps']) for r in train.values())}. Peak memory: each way alone "
+              "for 2 steps.", "",
               f"## Sampling ({NFE} NFE, Heun)", "",
               f"| model | batch | edmlab.generate img/s | {NFE} x forward img/s | sampler overhead |",
               "|---|---|---|---|---|"]
@@ -345,7 +378,6 @@ def _machine(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: 3 CPU, 5 GPU)")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -355,9 +387,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             small = name.startswith("digits")
-            rounds = args.rounds or (5 if gpu else (3 if small else 2))
-            steps, warmup = (50, 10) if gpu else ((30, 3) if small else (2, 1))
-            train[name] = bench_training(name, device, rounds, steps, warmup, Path(tmp))
+            steps, warmup = (100, 10) if gpu else ((60, 3) if small else (3, 1))
+            train[name] = bench_training(name, device, steps, warmup, Path(tmp))
             print(name, {k: v for k, v in train[name].items()}, flush=True)
             sample[name] = bench_sampling(name, device, 3 if small or gpu else 1, Path(tmp))
             print(name, sample[name], flush=True)
