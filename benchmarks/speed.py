@@ -10,7 +10,7 @@ same batch (the sampler's overhead), and `python sample.py` end to end for the d
     python benchmarks/speed.py                  # this machine's CPU (or GPU), bounded to ~10 minutes on 2 cores
     python benchmarks/speed.py --device cuda    # the recipe's per-GPU batches
 
-Writes benchmarks/results/speed.md.
+Writes benchmarks/results/speed.md (+ speed.json, the raw numbers).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import json
 import os
 import platform
 import statistics
@@ -37,7 +38,7 @@ NFE = 35  # EDM's CIFAR-10 sampler: 18 Heun steps
 # name -> (overrides, image shape, label_dim, batch on CPU, batch on GPU); CPU rows use tiny batches
 MODELS = {
     "digits (unet_small, 0.98M)": (["experiment=digits_edm"], (1, 8, 8), 10, 128, 128),
-    "cifar_edm DDPM++ (55.7M)": (["experiment=cifar_edm"], (3, 32, 32), 10, 4, 64),
+    "cifar_edm DDPM++ (55.7M)": (["experiment=cifar_edm"], (3, 32, 32), 10, 2, 64),
     "ADM 64x64": (["experiment=cifar_edm", "network=adm", "model.augment_pipe=null"], (3, 64, 64), 1000, 2, 64),
 }
 ADM_CPU = ["network.model_channels=32"]  # a narrow ADM on CPU (the full 296M one needs minutes per step here)
@@ -264,7 +265,8 @@ def bench_sampling(name: str, device: torch.device, rounds: int, tmp: Path) -> d
         for r in range(rounds):
             sync()
             t0 = time.perf_counter()
-            generate(denoiser, list(range(r * batch, (r + 1) * batch)), tmp / f"gen{r}", sampler, batch_size=batch,
+            generate(denoiser, list(range(r * batch, (r + 1) * batch)), tmp / f"gen-{abs(hash(name))}-{r}", sampler,
+                     batch_size=batch,
                      class_labels="all", format="npz", device=device, progress=False)
             sync()
             gen.append(time.perf_counter() - t0)
@@ -277,7 +279,7 @@ def bench_sampling(name: str, device: torch.device, rounds: int, tmp: Path) -> d
     return {"batch": batch, "gen_img_s": batch / g, "net_img_s": batch / n, "overhead": g / n - 1}
 
 
-def sample_py_end_to_end(tmp: Path, runs: int = 3) -> dict:
+def sample_py_end_to_end(tmp: Path, runs: int = 2) -> dict:
     """`python sample.py` for 64 digits images (a fresh process each) against its network time alone."""
     from edmlab import interop
     from edmlab.cli.train import build_model
@@ -340,9 +342,9 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
               "| (c) speed / (a) | peak MiB (a / b / c) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in train.items():
         a, b, c = r["plain"], r["edmlab"], r["fast"]
-        peak = "process peak RSS" if device.type == "cpu" else "max allocated"
-        lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['batch']} | {a['img_s']:.1f} | {b['img_s']:.1f} | "
-                     f"{c['img_s']:.1f} | **{b['vs_plain']:.3f}** | {1 / c['vs_plain']:.2f}x | "
+        peak = "process peak RSS" if device.type == "cpu" else "max allocated"  # RSS: with what earlier runs left
+        lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['batch']} | {a['img_s']:.3g} | {b['img_s']:.3g} | "
+                     f"{c['img_s']:.3g} | **{b['vs_plain']:.3f}** | {1 / c['vs_plain']:.2f}x | "
                      f"{a['peak_mib']:.0f} / {b['peak_mib']:.0f} / {c['peak_mib']:.0f} ({peak}) |")
     lines += ["", "Ratios are medians over step pairs: (b) and (c) each ran in lockstep with a plain loop of their "
               "own (one plain step after every Lightning step, in the same process), so both steps of a pair "
@@ -353,11 +355,11 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
               f"| model | batch | edmlab.generate img/s | {NFE} x forward img/s | sampler overhead |",
               "|---|---|---|---|---|"]
     for name, r in sample.items():
-        lines.append(f"| {name} | {r['batch']} | {r['gen_img_s']:.1f} | {r['net_img_s']:.1f} | "
+        lines.append(f"| {name} | {r['batch']} | {r['gen_img_s']:.3g} | {r['net_img_s']:.3g} | "
                      f"{100 * r['overhead']:.1f}% |")
     if e2e is not None:
         net_s = 64 / sample["digits (unet_small, 0.98M)"]["net_img_s"]
-        lines += ["", f"`python sample.py` for 64 digits images, end to end (fresh process, median of 3): "
+        lines += ["", f"`python sample.py` for 64 digits images, end to end (fresh process, median of 2): "
                   f"{e2e['wall_s']:.2f} s = {e2e['wall_s'] / net_s:.1f}x its network time ({net_s:.2f} s)."]
     if end is not None:
         lines += ["", "## After the last step (digits demo)", "",
@@ -379,23 +381,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sampling-only", action="store_true",
+                        help="re-measure sampling; keep the other rows of benchmarks/results/speed.json")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     t0 = time.perf_counter()
     train, sample = {}, {}
+    raw = RESULTS / "speed.json"
+    if args.sampling_only:
+        kept = json.loads(raw.read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.models:
+                kept["sample"][name] = bench_sampling(name, device, 3 if name.startswith("digits") else 1, Path(tmp))
+                print(name, kept["sample"][name], flush=True)
+        raw.write_text(json.dumps(kept, indent=1))
+        print(write_report(device, kept["train"], kept["sample"], kept["e2e"], kept["end"],
+                           kept["seconds"] + time.perf_counter() - t0))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             small = name.startswith("digits")
-            steps, warmup = (100, 10) if gpu else ((60, 3) if small else (3, 1))
+            steps, warmup = (100, 10) if gpu else ((40, 3) if small else (2, 1))
             train[name] = bench_training(name, device, steps, warmup, Path(tmp))
             print(name, {k: v for k, v in train[name].items()}, flush=True)
             sample[name] = bench_sampling(name, device, 3 if small or gpu else 1, Path(tmp))
             print(name, sample[name], flush=True)
+            write_report(device, train, sample, None, None, time.perf_counter() - t0)  # partial results so far
         e2e = sample_py_end_to_end(Path(tmp)) if "digits (unet_small, 0.98M)" in sample and not gpu else None
         end = end_of_run(device)
         print(end, flush=True)
-    print(write_report(device, train, sample, e2e, end, time.perf_counter() - t0))
+    seconds = time.perf_counter() - t0
+    raw.write_text(json.dumps({"train": train, "sample": sample, "e2e": e2e, "end": end, "seconds": seconds}, indent=1))
+    print(write_report(device, train, sample, e2e, end, seconds))
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def test_compile_switch_compiles_the_network_forward_only(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     denoiser = perturbed_denoiser()
-    module = module_for(denoiser, compile={"mode": "max-autotune", "dynamic": False})
+    module = module_for(denoiser, torch_compile={"mode": "max-autotune", "dynamic": False})
     keys = list(module.state_dict())
     images = images_8x8()
     loss_eager, _ = loss_and_grads(denoiser, images)
@@ -192,14 +192,14 @@ def test_compile_switch_compiles_the_network_forward_only(monkeypatch):
     assert denoiser.net._compiled_call_impl is not None and module.ema.module.net._compiled_call_impl is None
     assert list(module.state_dict()) == keys  # checkpoints keep their keys (no _orig_mod. prefix)
     assert torch.equal(loss_and_grads(denoiser, images)[0], loss_eager)
-    assert module_for(perturbed_denoiser()).compile is False
+    assert module_for(perturbed_denoiser()).torch_compile is False
 
 
 @pytest.mark.slow
 def test_a_real_compile_gives_the_eager_loss():
     denoiser, images = perturbed_denoiser(), images_8x8()
     loss_eager, grads_eager = loss_and_grads(denoiser, images)
-    module = module_for(denoiser, compile=True)
+    module = module_for(denoiser, torch_compile=True)
     module.configure_model()
     loss_compiled, grads_compiled = loss_and_grads(denoiser, images)
     assert abs(float(loss_compiled) - float(loss_eager)) <= 1e-5 * float(loss_eager)
@@ -226,7 +226,7 @@ def test_trainer_gpu_fast_sets_every_switch_and_the_cli_applies_them():
     assert (default.trainer.accelerator, fast.trainer.accelerator) == ("cpu", "gpu")
     assert fast.trainer.max_steps == default.trainer.max_steps
     _, model = build_model(fast)
-    assert model.channels_last is True and model.compile is False
+    assert model.channels_last is True and model.torch_compile is False
     assert model.optimizer_factory.keywords["fused"] is True
     backends = torch.backends
     saved = (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark)

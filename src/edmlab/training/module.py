@@ -88,7 +88,7 @@ class EDMModule(L.LightningModule):
                  seed: int = 0,                                       # base of the per-rank training RNG
                  run_config: dict | None = None,                      # resolved config, stored in checkpoints
                  channels_last: bool = False,                         # NHWC weights and images (GPU convs)
-                 compile: bool | dict = False,                        # torch.compile the network (kwargs)
+                 torch_compile: bool | dict = False,                  # torch.compile the network (kwargs)
                  ) -> None:
         super().__init__()
         self.denoiser = denoiser
@@ -110,7 +110,7 @@ class EDMModule(L.LightningModule):
         self._rng_stream: dict | None = None
         self._skip_step = False
         self.channels_last = bool(channels_last)
-        self.compile = compile
+        self.torch_compile = torch_compile  # not `compile`: that is nn.Module.compile
         self._reset_buckets()
 
     # ------------------------------------------------------------------ conveniences
@@ -139,8 +139,8 @@ class EDMModule(L.LightningModule):
         if self.channels_last:
             self.denoiser.to(memory_format=torch.channels_last)
             self.ema.to(memory_format=torch.channels_last)
-        if self.compile and getattr(self.denoiser.net, "_compiled_call_impl", None) is None:
-            self.denoiser.net.compile(**({} if self.compile is True else dict(self.compile)))
+        if self.torch_compile and getattr(self.denoiser.net, "_compiled_call_impl", None) is None:
+            self.denoiser.net.compile(**({} if self.torch_compile is True else dict(self.torch_compile)))
 
     def _unpack(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         images, labels = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
