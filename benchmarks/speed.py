@@ -328,7 +328,9 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
                  seconds: float) -> Path:
     lines = ["# Training and sampling speed", "",
              f"`python benchmarks/speed.py{' --device cuda' if device.type == 'cuda' else ''}` on {_machine(device)}; "
-             f"{seconds:.0f} s in all, torch {torch.__version__}.", ""]
+             f"{seconds:.0f} s in all, torch {torch.__version__}; load average at the end "
+             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine: rows measured once, such as the "
+             "big networks' sampling, carry its noise; the lockstep ratios do not).", ""]
     if device.type == "cpu":
         lines += ["**GPU rows: unmeasured.** No GPU was lent to this run; `python benchmarks/speed.py --device cuda` "
                   "measures them (the recipe's per-GPU batches). Every GPU-only switch is covered by a CPU test of "
@@ -348,7 +350,8 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
                      f"{a['peak_mib']:.0f} / {b['peak_mib']:.0f} / {c['peak_mib']:.0f} ({peak}) |")
     lines += ["", "Ratios are medians over step pairs: (b) and (c) each ran in lockstep with a plain loop of their "
               "own (one plain step after every Lightning step, in the same process), so both steps of a pair "
-              "saw the same machine load. Pairs measured per model (after warm-up): "
+              "saw the same machine load; the img/s columns are medians over all steps of a way, so their ratios "
+              "move with the load. Pairs measured per model (after warm-up): "
               f"{', '.join(str(r['edmlab']['steps']) for r in train.values())}. Peak memory: each way alone "
               "for 2 steps.", "",
               f"## Sampling ({NFE} NFE, Heun)", "",
@@ -358,7 +361,7 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
         lines.append(f"| {name} | {r['batch']} | {r['gen_img_s']:.3g} | {r['net_img_s']:.3g} | "
                      f"{100 * r['overhead']:.1f}% |")
     if e2e is not None:
-        net_s = 64 / sample["digits (unet_small, 0.98M)"]["net_img_s"]
+        net_s = e2e["net_s"]
         lines += ["", f"`python sample.py` for 64 digits images, end to end (fresh process, median of 2): "
                   f"{e2e['wall_s']:.2f} s = {e2e['wall_s'] / net_s:.1f}x its network time ({net_s:.2f} s)."]
     if end is not None:
@@ -409,6 +412,8 @@ def main() -> None:
             print(name, sample[name], flush=True)
             write_report(device, train, sample, None, None, time.perf_counter() - t0)  # partial results so far
         e2e = sample_py_end_to_end(Path(tmp)) if "digits (unet_small, 0.98M)" in sample and not gpu else None
+        if e2e is not None:  # the network time of the same run
+            e2e["net_s"] = 64 / sample["digits (unet_small, 0.98M)"]["net_img_s"]
         end = end_of_run(device)
         print(end, flush=True)
     seconds = time.perf_counter() - t0
