@@ -217,9 +217,6 @@ def local_gpu_count(accelerator: Any) -> int:
 
 def register_resolvers() -> None:
     """Register edmlab.slurm_tasks / edmlab.slurm_gpus / edmlab.local_gpu_count (idempotent)."""
-    from omegaconf import OmegaConf
+    from edmlab.cli.resolvers import register
 
-    for name, fn in (("edmlab.slurm_tasks", slurm_tasks_per_node), ("edmlab.slurm_gpus", slurm_gpus_per_node),
-                     ("edmlab.local_gpu_count", local_gpu_count)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+    register()  # with the other edmlab.* resolvers, Lightning-free (they import this module when resolved)

@@ -70,6 +70,21 @@ def register() -> None:
                      ("edmlab.basename", lambda path: Path(str(path)).name)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
-    from edmlab.cluster import register_resolvers as register_cluster_resolvers
+    for name, attr in _CLUSTER_RESOLVERS:  # configs/hydra/launcher/
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, _from_cluster(attr))
 
-    register_cluster_resolvers()  # edmlab.slurm_* / edmlab.local_gpus of configs/hydra/launcher/
+
+_CLUSTER_RESOLVERS = (("edmlab.slurm_tasks", "slurm_tasks_per_node"), ("edmlab.slurm_gpus", "slurm_gpus_per_node"),
+                      ("edmlab.local_gpu_count", "local_gpu_count"))
+
+
+def _from_cluster(attr: str):
+    """edmlab.cluster.<attr>, imported when a launcher config is resolved: importing it loads Lightning,
+    which sampling and `--help` never need."""
+    def resolve(*args):
+        from edmlab import cluster
+
+        return getattr(cluster, attr)(*args)
+
+    return resolve

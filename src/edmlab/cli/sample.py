@@ -92,6 +92,10 @@ def run(cfg: DictConfig) -> GenerateResult:
     from hydra.utils import instantiate
 
     rank, world_size = distributed_env()
+    if cfg.get("attention"):
+        from edmlab.networks.layers import set_attention
+
+        set_attention(str(cfg.attention))
     device = resolve_device(str(cfg.device))
     seeds = parse_seeds(OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds)
     denoiser = load_denoiser_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device)

@@ -15,14 +15,16 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from edmlab.cli.resolvers import global_rank, register, repo_root
+
+if TYPE_CHECKING:  # Lightning is imported when training starts: `train.py --help` stays quick
+    import lightning as L
 
 __all__ = ["main", "train", "build_model", "CONFIG_DIR"]
 
@@ -121,9 +123,13 @@ def _apply_extras(cfg: DictConfig) -> None:
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
-    if extras.get("allow_tf32") is not None and torch.cuda.is_available():
+    if extras.get("allow_tf32") is not None:
         torch.backends.cuda.matmul.allow_tf32 = bool(extras.allow_tf32)
         torch.backends.cudnn.allow_tf32 = bool(extras.allow_tf32)
+    if extras.get("attention"):
+        from edmlab.networks.layers import set_attention
+
+        set_attention(str(extras.attention))
     if extras.get("cudnn_benchmark") is not None:
         torch.backends.cudnn.benchmark = bool(extras.cudnn_benchmark)
     if extras.get("print_config") and global_rank() == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -146,6 +152,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _share_run_dir_with_ranks(output_dir)
     _apply_extras(cfg)
     if cfg.get("seed") is not None:
+        import lightning as L
+
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # same initial weights on every rank
 
     requested = cfg.get("ckpt_path")
@@ -197,8 +205,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result["output_dir"] = str(output_dir)
     stopped = any(getattr(c, "stopped_by_signal", None) for c in callbacks)
-    if trainer.is_global_zero and not stopped:
-        result.update(_final_losses(model, datamodule))
+    if trainer.is_global_zero and not stopped and cfg.get("final_losses"):
+        result.update(_final_losses(model, datamodule, **cfg.final_losses))
     if trainer.is_global_zero and not stopped and cfg.get("final_samples"):
         spec = cfg.final_samples
         image = draw_samples(model, instantiate(cfg.sampler), per_class=spec.per_class,
@@ -212,7 +220,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _final_losses(model, datamodule, num_images: int = 1024) -> dict[str, float]:
+def _final_losses(model, datamodule, num_images: int = 1024, repeats: int = 4) -> dict[str, float]:
     """EDM's loss of the EMA and the raw weights on a fixed subset of the data with fixed draws."""
     from edmlab.training.module import reference_loss
 
@@ -222,8 +230,8 @@ def _final_losses(model, datamodule, num_images: int = 1024) -> dict[str, float]
     images, labels = datamodule.collate([dataset[i] for i in idx])
     images = images.to(model.device)
     labels = labels.to(model.device) if labels is not None and model.label_dim else None
-    return {"final/ema_loss": reference_loss(model.ema.module, images, labels),
-            "final/loss": reference_loss(model.denoiser.eval(), images, labels)}
+    return {"final/ema_loss": reference_loss(model.ema.module, images, labels, repeats=repeats),
+            "final/loss": reference_loss(model.denoiser.eval(), images, labels, repeats=repeats)}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

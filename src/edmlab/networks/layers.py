@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-__all__ = ["weight_init", "Linear", "Conv2d", "GroupNorm", "self_attention", "UNetBlock",
-           "PositionalEmbedding", "FourierEmbedding", "class_label_input", "batch_noise_labels"]
+__all__ = ["weight_init", "Linear", "Conv2d", "GroupNorm", "self_attention", "set_attention", "ATTENTION_BACKENDS",
+           "UNetBlock", "PositionalEmbedding", "FourierEmbedding", "class_label_input", "batch_noise_labels"]
 
 
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -114,11 +114,29 @@ class GroupNorm(nn.Module):
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-def self_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+ATTENTION_BACKENDS = ("einsum", "sdpa")
+_attention = {"backend": "einsum"}
+
+
+def set_attention(backend: str) -> None:
+    """Every U-Net's self-attention from now on: "einsum" (EDM's ops) or "sdpa" (fused, same result)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    _attention["backend"] = backend
+
+
+def self_attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> torch.Tensor:
     """Multi-head dot-product self-attention over pixels, softmax(q^T k / sqrt(c)) v (Vaswani et al. 2017).
 
     `qkv` is [N, 3C, H, W] with EDM's channel layout (head, channel, q/k/v); returns [N, C, H, W].
+    `backend` (default: `set_attention`'s): "einsum" or "sdpa", torch's fused scaled_dot_product_attention,
+    which accumulates the logits and the softmax in float32 itself and never stores the [HW, HW] weights.
     """
+    backend = backend or _attention["backend"]
+    if backend == "sdpa":
+        q, k, v = rearrange(qkv, "n (h c three) y x -> three n h (y x) c", h=num_heads, three=3)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return rearrange(a, "n h (y x) c -> n (h c) y x", y=qkv.shape[2])
     q, k, v = rearrange(qkv, "n (h c three) y x -> three (n h) c (y x)", h=num_heads, three=3)
     # Logits and softmax in at least float32 whatever the activation dtype: bf16/fp16 logits overflow or
     # lose the small attention weights (EDM's AttentionOp does the same).

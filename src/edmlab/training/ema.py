@@ -27,12 +27,24 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def _lerp_into(ema: nn.Module, net: nn.Module, beta: float) -> None:
-    """ema <- beta ema + (1 - beta) net for parameters (as EDM: net.lerp(ema, beta)); buffers copied."""
-    ema_params = [p for p in ema.parameters()]
-    net_params = [p.detach().to(p_ema.dtype) for p, p_ema in zip(net.parameters(), ema_params, strict=True)]
-    torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
-    for b_ema, b_net in zip(ema.buffers(), net.buffers(), strict=True):
-        b_ema.copy_(b_net)
+    """ema <- beta ema + (1 - beta) net for parameters, bit-identical to EDM's per-parameter
+    `p_ema.copy_(p_net.lerp(p_ema, beta))`, in one foreach call; buffers copied."""
+    ema_params = list(ema.parameters())
+    net_params = list(net.parameters())  # read only, under no_grad: no detach or cast (their cost is per tensor)
+    if any(p.dtype != q.dtype for p, q in zip(net_params, ema_params, strict=True)):
+        net_params = [p.to(q.dtype) for p, q in zip(net_params, ema_params, strict=True)]
+    dtypes = {p.dtype for p in ema_params}
+    # the weight as lerp's kernels hold it: float64 for float64 tensors, float32 for float32 and lower
+    beta_op = float(beta) if dtypes == {torch.float64} else float(np.float32(beta))
+    if len(dtypes) == 1 and beta_op > 0.5:
+        # lerp(net, ema, beta) rounds as ema + (beta - 1)(ema - net) for weights above 1/2, and so does
+        # lerp(ema, net, w) with w = 1 - beta below 1/2 (1 - beta_op is exact): in place, no temporaries.
+        torch._foreach_lerp_(ema_params, net_params, 1.0 - beta_op)
+    else:  # the first steps of the ramp-up (beta = 0 copies the network)
+        torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
+    ema_buffers, net_buffers = list(ema.buffers()), list(net.buffers())
+    if ema_buffers:
+        torch._foreach_copy_(ema_buffers, net_buffers)
 
 
 class EMA(nn.Module):

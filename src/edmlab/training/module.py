@@ -87,6 +87,8 @@ class EDMModule(L.LightningModule):
                  sigma_buckets: Sequence[float] = (0.05, 0.2, 0.8, 3.0),  # edges for loss-by-sigma logs
                  seed: int = 0,                                       # base of the per-rank training RNG
                  run_config: dict | None = None,                      # resolved config, stored in checkpoints
+                 channels_last: bool = False,                         # NHWC weights and images (GPU convs)
+                 torch_compile: bool | dict = False,                  # torch.compile the network (kwargs)
                  ) -> None:
         super().__init__()
         self.denoiser = denoiser
@@ -107,6 +109,8 @@ class EDMModule(L.LightningModule):
         self.wandb_run_id: str | None = None
         self._rng_stream: dict | None = None
         self._skip_step = False
+        self.channels_last = bool(channels_last)
+        self.torch_compile = torch_compile  # not `compile`: that is nn.Module.compile
         self._reset_buckets()
 
     # ------------------------------------------------------------------ conveniences
@@ -130,6 +134,14 @@ class EDMModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.learning_rate)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def configure_model(self) -> None:
+        """Layout and compilation switches; neither changes what is computed, nor the checkpoint keys."""
+        if self.channels_last:
+            self.denoiser.to(memory_format=torch.channels_last)
+            self.ema.to(memory_format=torch.channels_last)
+        if self.torch_compile and getattr(self.denoiser.net, "_compiled_call_impl", None) is None:
+            self.denoiser.net.compile(**({} if self.torch_compile is True else dict(self.torch_compile)))
+
     def _unpack(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         images, labels = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
         if labels is not None and (labels.ndim < 2 or labels.shape[1] == 0 or self.label_dim == 0):
@@ -138,6 +150,8 @@ class EDMModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = self._unpack(batch)
+        if self.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         # sigma is drawn first, as in EDM, so the draw order (sigma, augmentation, noise) is unchanged
         sigma = self.recipe.sample_sigma(images.shape[0], device=images.device)
         per_image = losses.denoising_loss(self.denoiser, images, self.recipe, class_labels=labels,

@@ -1,0 +1,425 @@
+"""Training and sampling throughput, edmlab against a plain PyTorch loop of the same math, side by side.
+
+Training, three ways on one device in one process, step by step in lockstep over the same batches:
+  (a) plain:   a loop written here in NVlabs/edm's shape: EDM loss, backward, Adam, parameter-loop EMA, fp32;
+  (b) edmlab:  what `python train.py` builds with default settings (EDMModule + Lightning Trainer + callbacks);
+  (c) fast:    (b) with trainer=gpu_fast's switches (bf16 autocast, TF32, channels_last, fused Adam, SDPA).
+Sampling: images/s of edmlab.generate (what sample.py runs) at 35 NFE against 35 x one network forward at the
+same batch (the sampler's overhead), and `python sample.py` end to end for the digits net.
+
+    python benchmarks/speed.py                  # this machine's CPU (or GPU), bounded to ~10 minutes on 2 cores
+    python benchmarks/speed.py --device cuda    # the recipe's per-GPU batches
+
+Writes benchmarks/results/speed.md (+ speed.json, the raw numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+NFE = 35  # EDM's CIFAR-10 sampler: 18 Heun steps
+
+# name -> (overrides, image shape, label_dim, batch on CPU, batch on GPU); CPU rows use tiny batches
+MODELS = {
+    "digits (unet_small, 0.98M)": (["experiment=digits_edm"], (1, 8, 8), 10, 128, 128),
+    "cifar_edm DDPM++ (55.7M)": (["experiment=cifar_edm"], (3, 32, 32), 10, 2, 64),
+    "ADM 64x64": (["experiment=cifar_edm", "network=adm", "model.augment_pipe=null"], (3, 64, 64), 1000, 2, 64),
+}
+ADM_CPU = ["network.model_channels=32"]  # a narrow ADM on CPU (the full 296M one needs minutes per step here)
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
+
+
+def peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status").read_text()
+    return float(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import edmlab.cli  # noqa: F401 - the edmlab.* resolvers
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def datamodule_for(cfg, shape, label_dim: int, device: torch.device):
+    """The config's data module for digits; synthetic uint8 images of the right shape otherwise (no download)."""
+    from hydra.utils import instantiate
+
+    from edmlab.data import ImageDataModule
+    from edmlab.data.images import ArrayImageDataset
+
+    if shape == (1, 8, 8):
+        return instantiate(cfg.data)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(256, *shape), dtype=np.uint8)
+    dataset = ArrayImageDataset(images, rng.integers(0, label_dim, size=256), label_dim=label_dim, name="synthetic")
+    return ImageDataModule(dataset, batch_size=int(cfg.data.batch_size), pin_memory=device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------ the three ways
+def plain_steps(cfg, datamodule, model, device: torch.device):
+    """(a) NVlabs/edm training_loop.py's step, written out: no framework, fp32, TF32 off, EDM's attention ops.
+    A generator: one optimizer step per next(), so it can run in lockstep with a Lightning fit."""
+    from edmlab.networks import layers
+
+    denoiser, augment_pipe = model.denoiser.to(device).train(), model.augment_pipe
+    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    batch, sigma_data = model.batch_size, float(denoiser.sigma_data)
+    P_mean, P_std = float(cfg.loss.get("P_mean", -1.2)), float(cfg.loss.get("P_std", 1.2))
+    opt = torch.optim.Adam(denoiser.parameters(), lr=float(cfg.optim.lr), betas=tuple(cfg.optim.betas),
+                           eps=float(cfg.optim.eps))
+    batches = iter(datamodule.batches())
+    backends = torch.backends
+    for step in itertools.count():
+        # the other way may have switched these process-wide flags: (a) runs with EDM's
+        saved = (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, layers._attention["backend"])
+        backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = False
+        layers.set_attention("einsum")
+        images, labels = next(batches)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True) if labels is not None and model.label_dim else None
+        for group in opt.param_groups:  # linear LR ramp in images
+            group["lr"] = float(cfg.optim.lr) * min(step * batch / 1000 / float(cfg.model.lr_rampup_kimg), 1)
+        sigma = (torch.randn(len(images), device=device) * P_std + P_mean).exp()
+        weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        noise = torch.randn_like(y) * sigma.reshape(-1, 1, 1, 1)
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+        D = denoiser(y + noise, sigma, labels, **extra)
+        loss = (weight.reshape(-1, 1, 1, 1) * (D - y) ** 2).sum(dim=(1, 2, 3)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in denoiser.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt.step()
+        halflife = min(float(cfg.model.ema_halflife_kimg) * 1000, step * batch * float(cfg.model.ema_rampup_ratio))
+        beta = 0.5 ** (batch / max(halflife, 1e-8))
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), denoiser.parameters(), strict=True):
+                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved[:2]
+        layers.set_attention(saved[2])
+        yield
+
+
+def lightning_fit(cfg, datamodule, model, extra_callbacks=()) -> None:
+    """(b)/(c): the Trainer, callbacks and loggers `train.py` builds from the composed config."""
+    from edmlab.cli.train import _apply_extras, _instantiate_all, _make_trainer
+
+    _apply_extras(cfg)
+    with _quiet_lightning():
+        trainer = _make_trainer(cfg, [*_instantiate_all(cfg.get("callbacks"), "callbacks"), *extra_callbacks],
+                                _instantiate_all(cfg.get("logger"), "logger"))
+        trainer.fit(model, datamodule=datamodule)
+    from edmlab.networks.layers import set_attention
+
+    set_attention("einsum")
+
+
+def lockstep(plain, device: torch.device, warmup: int, times: dict):
+    """A callback: after each Lightning step, one plain step; both timed, so each pair shares the machine's load."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Lockstep(Callback):
+        def __init__(self) -> None:
+            self.count, self.t_start = 0, None
+
+        def on_train_batch_end(self, *args) -> None:
+            now = _sync(device)
+            if self.t_start is not None and self.count > warmup:
+                times["lightning"].append(now - self.t_start)
+            next(plain)
+            done = _sync(device)
+            if self.t_start is not None and self.count > warmup:
+                times["plain"].append(done - now)
+            self.t_start, self.count = done, self.count + 1
+
+    return Lockstep()
+
+
+class _quiet_lightning:
+    def __enter__(self):
+        import logging
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        self._levels = {n: logging.getLogger(n).level for n in ("lightning", "lightning.pytorch", "edmlab")}
+        for n in self._levels:
+            logging.getLogger(n).setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        import logging
+
+        for n, level in self._levels.items():
+            logging.getLogger(n).setLevel(level)
+        self._warnings.__exit__(*exc)
+
+
+def bench_training(name: str, device: torch.device, steps: int, warmup: int, tmp: Path) -> dict:
+    """Speed: (b) and (c) each in lockstep with their own (a); memory: each way alone for a few steps."""
+    import gc
+
+    from edmlab.cli.train import build_model
+
+    overrides, shape, label_dim, cpu_batch, gpu_batch = MODELS[name]
+    batch = gpu_batch if device.type == "cuda" else cpu_batch
+    accel = "gpu" if device.type == "cuda" else "cpu"
+    common = [*overrides, *(ADM_CPU if "ADM" in name and device.type == "cpu" else []), f"data.batch_size={batch}",
+              "logger=csv", "extras.print_config=false", f"paths.output_dir={tmp}/{abs(hash(name))}",
+              f"paths.log_dir={tmp}/logs", "trainer.enable_model_summary=false", "data.num_workers=0"]
+    ways = {"edmlab": [*common, f"trainer={accel}"],
+            "fast": [*common, "trainer=gpu_fast", f"trainer.accelerator={accel}"]}
+
+    def build(way: str, max_steps: int):
+        cfg = compose([*ways[way], f"trainer.max_steps={max_steps}"])
+        torch.manual_seed(0)
+        datamodule = datamodule_for(cfg, shape, label_dim, device)
+        return cfg, datamodule, build_model(cfg, datamodule=datamodule)[1]
+
+    out: dict = {"batch": batch}
+    for way in ways:
+        times = {"plain": [], "lightning": []}
+        cfg, datamodule, model = build(way, warmup + 2 + steps)
+        plain_cfg, plain_data, plain_model = build("edmlab", 1)
+        out["params"] = sum(p.numel() for p in plain_model.denoiser.parameters())
+        plain = plain_steps(plain_cfg, plain_data, plain_model, device)
+        lightning_fit(cfg, datamodule, model, [lockstep(plain, device, warmup, times)])
+        ratios = [b / a for a, b in zip(times["plain"], times["lightning"], strict=True)]
+        out[way] = {"img_s": batch / statistics.median(times["lightning"]), "steps": len(ratios),
+                    "vs_plain": statistics.median(ratios),
+                    "plain_img_s": batch / statistics.median(times["plain"])}
+        del model, plain_model, plain
+        gc.collect()
+    for way in ("plain", *ways):  # peak memory, each way alone
+        cfg, datamodule, model = build("edmlab" if way == "plain" else way, 2)
+        reset_peak(device)
+        if way == "plain":
+            plain = plain_steps(cfg, datamodule, model, device)
+            next(plain), next(plain)
+        else:
+            lightning_fit(cfg, datamodule, model)
+        out.setdefault(way, {})["peak_mib"] = peak_mib(device)
+        del model, datamodule
+        gc.collect()
+    out["plain"]["img_s"] = statistics.median([out["edmlab"]["plain_img_s"], out["fast"]["plain_img_s"]])
+    return out
+
+
+# ------------------------------------------------------------------------------------------- sampling
+def bench_sampling(name: str, device: torch.device, rounds: int, tmp: Path) -> dict:
+    from hydra.utils import instantiate
+
+    from edmlab.cli.train import build_model
+    from edmlab.generate import generate
+
+    overrides, shape, label_dim, cpu_batch, gpu_batch = MODELS[name]
+    batch = 64 if shape == (1, 8, 8) else (gpu_batch if device.type == "cuda" else cpu_batch)
+    cfg = compose([*overrides, *(ADM_CPU if "ADM" in name and device.type == "cpu" else []), "logger=csv",
+                   "extras.print_config=false"])
+    _, model = build_model(cfg, datamodule=datamodule_for(cfg, shape, label_dim, device))
+    denoiser = model.ema.module.to(device).eval()
+    sampler = instantiate(cfg.sampler)
+    x = torch.randn(batch, *shape, device=device)
+    labels = torch.eye(label_dim, device=device)[torch.arange(batch, device=device) % label_dim]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen, net = [], []
+    with torch.no_grad():
+        denoiser(x, torch.full((batch,), 1.0, device=device), labels)
+        for r in range(rounds):
+            sync()
+            t0 = time.perf_counter()
+            generate(denoiser, list(range(r * batch, (r + 1) * batch)), tmp / f"gen-{abs(hash(name))}-{r}", sampler,
+                     batch_size=batch,
+                     class_labels="all", format="npz", device=device, progress=False)
+            sync()
+            gen.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for _ in range(NFE):
+                denoiser(x, torch.full((batch,), 1.0, device=device), labels)
+            sync()
+            net.append(time.perf_counter() - t0)
+    g, n = statistics.median(gen), statistics.median(net)
+    return {"batch": batch, "gen_img_s": batch / g, "net_img_s": batch / n, "overhead": g / n - 1}
+
+
+def sample_py_end_to_end(tmp: Path, runs: int = 2) -> dict:
+    """`python sample.py` for 64 digits images (a fresh process each) against its network time alone."""
+    from edmlab import interop
+    from edmlab.cli.train import build_model
+
+    cfg = compose(["experiment=digits_edm", "logger=csv", "extras.print_config=false"])
+    _, model = build_model(cfg)
+    ckpt = interop.save_denoiser(model.ema.module, tmp / "digits.pt")
+    walls = []
+    for r in range(runs):
+        cmd = [sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", "seeds=0-63", "device=cpu", "format=npz",
+               "progress=false", f"outdir={tmp}/e2e{r}"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ,
+                                                                               "PYTHONPATH": str(ROOT / "src")})
+        walls.append(time.perf_counter() - t0)
+    return {"wall_s": statistics.median(walls)}
+
+
+def end_of_run(device: torch.device) -> dict:
+    """What train.py does after the last step for the digits demo: final losses and the preview grid."""
+    from hydra.utils import instantiate
+
+    from edmlab.cli.train import _final_losses, build_model
+    from edmlab.training.samples import draw_samples
+
+    cfg = compose(["experiment=digits_edm", "logger=csv", "extras.print_config=false"])
+    datamodule, model = build_model(cfg)
+    datamodule.setup("fit")
+    model.to(device)
+    t0 = time.perf_counter()
+    _final_losses(model, datamodule, **cfg.final_losses)
+    t1 = time.perf_counter()
+    _final_losses(model, datamodule, num_images=int(cfg.final_losses.num_images), repeats=1)
+    t2 = time.perf_counter()
+    spec = cfg.final_samples
+    draw_samples(model, instantiate(cfg.sampler), per_class=spec.per_class, num_unconditional=spec.num_unconditional,
+                 seed=spec.seed, scale=spec.scale)
+    t3 = time.perf_counter()
+    return {"losses_s": t1 - t0, "losses_1_s": t2 - t1, "grid_s": t3 - t2,
+            "spec": f"{cfg.final_losses.num_images} images x {cfg.final_losses.repeats} repeats x 2 networks",
+            "grid": f"{spec.per_class} per class x 10 classes"}
+
+
+# --------------------------------------------------------------------------------------------- report
+def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | None, end: dict | None,
+                 seconds: float) -> Path:
+    lines = ["# Training and sampling speed", "",
+             f"`python benchmarks/speed.py{' --device cuda' if device.type == 'cuda' else ''}` on {_machine(device)}; "
+             f"{seconds:.0f} s in all, torch {torch.__version__}; load average at the end "
+             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine: rows measured once, such as the "
+             "big networks' sampling, carry its noise; the lockstep ratios do not).", ""]
+    if device.type == "cpu":
+        lines += ["**GPU rows: unmeasured.** No GPU was lent to this run; `python benchmarks/speed.py --device cuda` "
+                  "measures them (the recipe's per-GPU batches). Every GPU-only switch is covered by a CPU test of "
+                  "what it computes (tests/test_fast_path.py). On CPU the batches are tiny, the ADM is narrowed "
+                  f"({ADM_CPU[0]}) and bf16 autocast is emulated, so (c) is no forecast of a GPU.", ""]
+    lines += ["## Training (median step, in lockstep)", "",
+              "(a) plain PyTorch loop in NVlabs/edm's shape (fp32, parameter-loop EMA); (b) edmlab as `train.py` "
+              "runs it by default (EDMModule + Lightning + checkpoint/sample-grid/progress callbacks + CSV logger); "
+              "(c) (b) with `trainer=gpu_fast`'s switches.", "",
+              "| model | params | batch | (a) plain img/s | (b) edmlab img/s | (c) fast img/s | (b)/(a) step time "
+              "| (c) speed / (a) | peak MiB (a / b / c) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in train.items():
+        a, b, c = r["plain"], r["edmlab"], r["fast"]
+        peak = "process peak RSS" if device.type == "cpu" else "max allocated"  # RSS: with what earlier runs left
+        lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['batch']} | {a['img_s']:.3g} | {b['img_s']:.3g} | "
+                     f"{c['img_s']:.3g} | **{b['vs_plain']:.3f}** | {1 / c['vs_plain']:.2f}x | "
+                     f"{a['peak_mib']:.0f} / {b['peak_mib']:.0f} / {c['peak_mib']:.0f} ({peak}) |")
+    lines += ["", "Ratios are medians over step pairs: (b) and (c) each ran in lockstep with a plain loop of their "
+              "own (one plain step after every Lightning step, in the same process), so both steps of a pair "
+              "saw the same machine load; the img/s columns are medians over all steps of a way, so their ratios "
+              "move with the load. Pairs measured per model (after warm-up): "
+              f"{', '.join(str(r['edmlab']['steps']) for r in train.values())}. Peak memory: each way alone "
+              "for 2 steps.", "",
+              f"## Sampling ({NFE} NFE, Heun)", "",
+              f"| model | batch | edmlab.generate img/s | {NFE} x forward img/s | sampler overhead |",
+              "|---|---|---|---|---|"]
+    for name, r in sample.items():
+        lines.append(f"| {name} | {r['batch']} | {r['gen_img_s']:.3g} | {r['net_img_s']:.3g} | "
+                     f"{100 * r['overhead']:.1f}% |")
+    if e2e is not None:
+        net_s = e2e["net_s"]
+        lines += ["", f"`python sample.py` for 64 digits images, end to end (fresh process, median of 2): "
+                  f"{e2e['wall_s']:.2f} s = {e2e['wall_s'] / net_s:.1f}x its network time ({net_s:.2f} s)."]
+    if end is not None:
+        lines += ["", "## After the last step (digits demo)", "",
+                  f"`final_losses` ({end['spec']}): {end['losses_s']:.1f} s ({end['losses_1_s']:.1f} s with "
+                  f"`final_losses.repeats=1`, none with `final_losses=null`); `final_samples` preview grid "
+                  f"({end['grid']}, {NFE} NFE): {end['grid_s']:.1f} s (none with `final_samples=null`)."]
+    path = RESULTS / "speed.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sampling-only", action="store_true",
+                        help="re-measure sampling; keep the other rows of benchmarks/results/speed.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    t0 = time.perf_counter()
+    train, sample = {}, {}
+    raw = RESULTS / "speed.json"
+    if args.sampling_only:
+        kept = json.loads(raw.read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.models:
+                kept["sample"][name] = bench_sampling(name, device, 3 if name.startswith("digits") else 1, Path(tmp))
+                print(name, kept["sample"][name], flush=True)
+        raw.write_text(json.dumps(kept, indent=1))
+        print(write_report(device, kept["train"], kept["sample"], kept["e2e"], kept["end"],
+                           kept["seconds"] + time.perf_counter() - t0))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            small = name.startswith("digits")
+            steps, warmup = (100, 10) if gpu else ((40, 3) if small else (2, 1))
+            train[name] = bench_training(name, device, steps, warmup, Path(tmp))
+            print(name, {k: v for k, v in train[name].items()}, flush=True)
+            sample[name] = bench_sampling(name, device, 3 if small or gpu else 1, Path(tmp))
+            print(name, sample[name], flush=True)
+            write_report(device, train, sample, None, None, time.perf_counter() - t0)  # partial results so far
+        e2e = sample_py_end_to_end(Path(tmp)) if "digits (unet_small, 0.98M)" in sample and not gpu else None
+        if e2e is not None:  # the network time of the same run
+            e2e["net_s"] = 64 / sample["digits (unet_small, 0.98M)"]["net_img_s"]
+        end = end_of_run(device)
+        print(end, flush=True)
+    seconds = time.perf_counter() - t0
+    raw.write_text(json.dumps({"train": train, "sample": sample, "e2e": e2e, "end": end, "seconds": seconds}, indent=1))
+    print(write_report(device, train, sample, e2e, end, seconds))
+
+
+if __name__ == "__main__":
+    main()
