@@ -1,7 +1,7 @@
 """edmlab's EDM2 network against NVlabs' own code: same weights in, compare D(x; sigma), u(sigma), gradients and
 the forced weight normalisation of a training step. Needs a checkout of NVlabs/edm2 (its code runs here only).
 
-    git clone https://github.com/NVlabs/edm2 /tmp/edm2 && python benchmarks/edm2_parity.py --edm2 /tmp/edm2
+    python benchmarks/edm2_parity.py --edm2 path/to/edm2   # a local clone of the public NVlabs/edm2
 """
 
 from __future__ import annotations
