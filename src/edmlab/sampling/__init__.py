@@ -37,7 +37,7 @@ DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ALL_DISCRETIZATIONS = DISCRETIZATIONS + ("ays", "optimized")
 GRID_OPTIONS = {  # options of the grids, by discretization (everything else goes to the solver)
     "vp": ("epsilon_s",), "iddpm": ("M", "C_1", "C_2"), "ays": ("ays_model",),
-    "optimized": ("pilots", "fine_steps", "search_seed", "steps_cache"),
+    "optimized": ("pilots", "fine_steps", "search_seed", "fit", "steps_cache"),
 }
 
 
@@ -113,7 +113,8 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
         if discretization == "ays":
             sigmas = ays_steps(num_steps, model=grid.get("ays_model", "svd"), sigma_min=sigma_min, sigma_max=sigma_max)
         else:
-            sigmas = _fitted_steps(denoiser, latents, num_steps, sigma_min, sigma_max, class_labels, **grid)
+            sigmas = _fitted_steps(denoiser, latents, num_steps, sigma_min, sigma_max, class_labels, solver,
+                                   solver_opts, (analytic_first_step, data_mean, data_std), **grid)
         sigmas = torch.cat([round_sigma(sigmas[:-1].to(latents.device)).to(torch.float64).cpu(), sigmas[-1:].cpu()])
     sigmas = sigmas.to(latents.device)
 
@@ -126,14 +127,25 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
 
 
 def _fitted_steps(denoiser, latents: torch.Tensor, num_steps: int, sigma_min: float, sigma_max: float,
-                  class_labels, *, pilots: int = 16, fine_steps: int = 256, search_seed: int = 0,
+                  class_labels, solver: str, solver_opts: dict, first_step: tuple, *, pilots: int = 32,
+                  fine_steps: int = 256, search_seed: int = 0, fit: bool = True,
                   steps_cache: str | os.PathLike | None = None) -> torch.Tensor:
-    """The `optimized` grid for this denoiser: pilots drawn from search_seed (labels: the batch's first ones)."""
+    """The `optimized` grid for this denoiser and solver: pilots from search_seed (labels: the batch's first)."""
     labels = None if class_labels is None else class_labels[:1].expand(pilots, *class_labels.shape[1:])
 
     def denoise(x, sigma):
-        return denoiser(x.to(latents.dtype), sigma, class_labels=labels)
+        return denoiser(x.to(latents.dtype), sigma, class_labels=labels).to(torch.float64)
 
+    analytic, mean, std = first_step
+    g = torch.Generator(device=latents.device).manual_seed(search_seed)
+    ctx = Context(processes.get("edm"), noise=lambda x: _randn_like(x, g), round_sigma=lambda s: s)
+
+    def solve(x_hat: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        g.manual_seed(search_seed + 1)
+        D = _analytic_first(denoise, mean, std) if analytic else denoise
+        return SOLVERS[solver].fn(D, x_hat, sigmas, lambda step: None, ctx, **solver_opts)
+
+    key = f"{solver}{sorted(solver_opts.items())} first_step={analytic}"
     return optimized_steps(denoise, num_steps, shape=tuple(latents.shape[1:]), sigma_min=sigma_min,
                            sigma_max=sigma_max, pilots=pilots, fine_steps=fine_steps, seed=search_seed,
-                           device=latents.device, cache=steps_cache)
+                           device=latents.device, cache=steps_cache, solve=solve if fit else None, solver_key=key)

@@ -8,7 +8,9 @@ and the multistep solvers replace D(u) by its Taylor polynomial fitted to the la
 one, two or three denoiser outputs. The SDE variants follow the reverse SDE with
 eta = 1 (eta in [0, 1] interpolates; eta = 0 is the ODE solver). Every step into
 sigma = 0 is D itself. The formulas are those of k-diffusion's
-`sample_dpmpp_2m`, `sample_dpmpp_2m_sde` (midpoint) and `sample_dpmpp_3m_sde`.
+`sample_dpmpp_2m`, `sample_dpmpp_2m_sde` (midpoint) and `sample_dpmpp_3m_sde`, except that
+k-diffusion weighs the second difference of the 3M update by half its Taylor weight, which
+leaves it second order (measured); `kdiffusion=True` reproduces that.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from edmlab.sampling.registry import Callback, Context, Denoise, Step, register
 
 
 def _dpmpp(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback, ctx: Context, *, order: int,
-           eta: float, s_noise: float) -> torch.Tensor:
+           eta: float, s_noise: float, kdiffusion: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) / (3M) with SDE noise eta (their Sec. 5, eta = 1)."""
     history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (D, h) of the previous steps, newest first
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
@@ -49,7 +51,8 @@ def _dpmpp(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback
                 d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
+                # d2 = h^2 D''/2, whose weight in the exact integral is -2 phi_3 (k-diffusion: -phi_3, order 2)
+                x = x + phi_2 * d1 - (1 if kdiffusion else 2) * phi_3 * d2
         if eta:
             x = x + sigma_next * (-torch.expm1(-2 * eta * h)).sqrt() * s_noise * ctx.noise(x)
         history = [(denoised, h)] + history[: order - 2]
@@ -63,9 +66,10 @@ def dpmpp_2m(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callba
 
 
 @register("dpmpp_3m")
-def dpmpp_3m(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback, ctx: Context) -> torch.Tensor:
+def dpmpp_3m(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback, ctx: Context, *,
+             kdiffusion: bool = False) -> torch.Tensor:
     """DPM-Solver++(3M): the third-order multistep update (Lu et al. 2022, App. B); lower orders to start."""
-    return _dpmpp(D, x, sigmas, callback, ctx, order=3, eta=0.0, s_noise=1.0)
+    return _dpmpp(D, x, sigmas, callback, ctx, order=3, eta=0.0, s_noise=1.0, kdiffusion=kdiffusion)
 
 
 @register("dpmpp_2m_sde")
@@ -77,6 +81,6 @@ def dpmpp_2m_sde(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Ca
 
 @register("dpmpp_3m_sde")
 def dpmpp_3m_sde(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback, ctx: Context, *,
-                 eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+                 eta: float = 1.0, s_noise: float = 1.0, kdiffusion: bool = False) -> torch.Tensor:
     """SDE-DPM-Solver++(3M): the third-order multistep update on the reverse SDE (eta = 0: dpmpp_3m)."""
-    return _dpmpp(D, x, sigmas, callback, ctx, order=3, eta=eta, s_noise=s_noise)
+    return _dpmpp(D, x, sigmas, callback, ctx, order=3, eta=eta, s_noise=s_noise, kdiffusion=kdiffusion)
