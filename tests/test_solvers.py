@@ -29,13 +29,14 @@ def slope(solver, steps=(32, 64, 128, 256), **options):
 @pytest.mark.parametrize("solver,options,order", [
     ("dpmpp_2m", {}, 2), ("dpmpp_3m", {}, 3), ("dpmpp_3m", {"kdiffusion": True}, 2),
     ("dpmpp_3m_sde", {"eta": 0.0}, 3), ("unipc", {"order": 1}, 2), ("unipc", {"order": 2}, 3),
-    ("unipc", {"order": 3}, 4), ("unipc", {"order": 2, "variant": "bh1"}, 3),
-    ("unipc", {"order": 3, "corrector": False}, 3), ("ipndm", {"variable_step": True}, 4),
+    ("unipc", {"order": 3, "lower_order_final": False}, 4), ("unipc", {"order": 3}, 3),
+    ("unipc", {"order": 2, "variant": "bh1"}, 3),
+    ("unipc", {"order": 3, "corrector": False, "lower_order_final": False}, 3), ("ipndm", {"variable_step": True}, 4),
     ("ipndm", {}, 2), ("restart", {"restarts": 0}, 2),
 ])
 def test_measured_order(solver, options, order):
     """UniPC-p with its corrector gains one order; fixed-weight iPNDM is 2nd order on a non-uniform grid."""
-    assert order - 0.4 < slope(solver, **options) < order + 1.0
+    assert order - 0.4 < slope(solver, **options) < order + 2.0  # a Gaussian can converge faster
 
 
 def kdiffusion_3m_sde(D, x, sigmas, eta, noise):
@@ -187,11 +188,13 @@ def test_adaptive_reaches_its_tolerance_and_restart_costs():
 
 
 def test_ays_and_optimized_grids(tmp_path):
-    svd = ays_steps(10, sigma_min=0.002, sigma_max=80.0)
-    assert svd[1:-2].tolist() == pytest.approx([54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173])
-    assert (svd[0].item(), svd[-2].item(), svd[-1].item()) == (80.0, 0.002, 0.0)
-    assert ays_steps(10, model="sd15", sigma_min=None, sigma_max=None)[0].item() == pytest.approx(14.615)
-    assert (ays_steps(19)[1:-1] < ays_steps(19)[:-2]).all()
+    assert ays_steps(10)[:-1].tolist() == pytest.approx([700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403,
+                                                        0.173, 0.034])
+    assert ays_steps(10, model="sd15")[[0, 9, 10]].tolist() == pytest.approx([14.615, 0.152, 0.0])
+    for n in (5, 10, 19):  # cut to EDM's range: ends pinned, strictly decreasing, log-linear between the entries
+        svd = ays_steps(n, sigma_min=0.002, sigma_max=80.0)
+        assert (svd[0].item(), svd[-2].item(), svd[-1].item()) == (80.0, 0.002, 0.0)
+        assert (svd[1:-1] < svd[:-2]).all() and len(svd) == n + 1
 
     gm = analytic.GaussianMixture([1.0, 2.0], [[0.5, -0.5, 0.0], [-1.0, 0.2, 0.3]], [0.1, 0.2])
     calls = []

@@ -81,26 +81,31 @@ AYS_SIGMAS = {
 }
 
 
+def _log_linear(table: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The AYS interpolation: log sigma piecewise linear in the step fraction v in [0, 1]."""
+    u = torch.linspace(0, 1, len(table), dtype=torch.float64)
+    j = torch.searchsorted(u, v.clamp(0, 1), right=True).clamp(1, len(table) - 1)
+    return table[j - 1] + (v - u[j - 1]) / (u[j] - u[j - 1]) * (table[j] - table[j - 1])
+
+
 def ays_steps(num_steps: int, *, model: str = "svd", sigma_min: float | None = None,
               sigma_max: float | None = None) -> torch.Tensor:
     """A published AYS set, log-linearly interpolated to num_steps levels (the AYS recipe), then 0; float64.
 
-    sigma_min / sigma_max, when given, replace the first and last level (the interior levels are kept,
-    clamped into the range): the SVD set, whose range is widest, then serves EDM's [0.002, 80].
+    sigma_min / sigma_max, when given, cut the set's curve to that range (where it extends past it) and pin
+    its ends there: the SVD set, whose range is widest, then serves EDM's [0.002, 80].
     """
     _check_name("AYS model", model, tuple(AYS_SIGMAS))
     if int(num_steps) != num_steps or num_steps < 2:
         raise ValueError(f"the ays discretization needs num_steps >= 2, got {num_steps}")
     table = torch.tensor(AYS_SIGMAS[model], dtype=torch.float64).log()
-    u = torch.linspace(0, 1, len(table), dtype=torch.float64)
-    v = torch.linspace(0, 1, num_steps, dtype=torch.float64)
-    j = torch.searchsorted(u, v, right=True).clamp(1, len(table) - 1)
-    w = (v - u[j - 1]) / (u[j] - u[j - 1])
-    sigmas = (table[j - 1] + w * (table[j] - table[j - 1])).exp()
-    hi = sigmas[0].item() if sigma_max is None else float(sigma_max)
-    lo = sigmas[-1].item() if sigma_min is None else float(sigma_min)
+    hi = table[0].exp().item() if sigma_max is None else float(sigma_max)
+    lo = table[-1].exp().item() if sigma_min is None else float(sigma_min)
     if not 0 < lo < hi < math.inf:
         raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={lo}, sigma_max={hi}")
-    sigmas = sigmas.clamp(lo, hi)
+    dense = _log_linear(table, torch.linspace(0, 1, 10001, dtype=torch.float64))
+    inside = ((dense <= math.log(hi) + 1e-12) & (dense >= math.log(lo) - 1e-12)).nonzero()
+    v0, v1 = inside[0].item() / 10000, inside[-1].item() / 10000
+    sigmas = _log_linear(table, v0 + (v1 - v0) * torch.linspace(0, 1, num_steps, dtype=torch.float64)).exp()
     sigmas[0], sigmas[-1] = hi, lo
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])

@@ -53,8 +53,12 @@ def _update(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, hist
 
 @register("unipc")
 def unipc(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback, ctx: Context, *, order: int = 3,
-          variant: str = "bh2", corrector: bool = True) -> torch.Tensor:
-    """UniPC-p (Zhao et al. 2023): UniP of order p (warm-up from 1), UniC after every step but the last."""
+          variant: str = "bh2", corrector: bool = True, lower_order_final: bool = True) -> torch.Tensor:
+    """UniPC-p (Zhao et al. 2023): UniP of order p (warm-up from 1), UniC after every step but the last.
+
+    lower_order_final (diffusers' default): order <= the steps left, so the last step before D is of
+    order <= 2: far more stable when a grid ends with a long jump to sigma_min.
+    """
     if order not in (1, 2, 3):
         raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")
     if variant not in ("bh1", "bh2"):
@@ -72,7 +76,7 @@ def unipc(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback,
         if sigma_next == 0:
             return denoised
         history = [(-sigma.log(), denoised)] + history[: order - 1]
-        p = min(order, len(history))
+        p = min(order, len(history), len(sigmas) - 1 - i if lower_order_final else order)
         last = (x, sigma, p)
         x = _update(x, sigma, sigma_next, history, p, variant)
     return x
