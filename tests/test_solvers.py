@@ -217,3 +217,19 @@ def test_ays_and_optimized_grids(tmp_path):
     ref = analytic.ode_reference(gm, LATENTS, 80.0, 0.002)
     edm = sample(gm, LATENTS, solver="dpmpp_2m", num_steps=6)
     assert (x - ref).square().mean() < (edm - ref).square().mean()
+
+
+@pytest.mark.parametrize("solver,options", [("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {}),
+                                            ("restart", {"restarts": 2, "restart_sigma_max": 2.0})])
+def test_stochastic_solvers_recover_the_mixture(solver, options):
+    """The SDE variants and restart sample the data law: component weights and stds of a 16-D mixture."""
+    g = torch.Generator().manual_seed(0)
+    weights, means = torch.rand(6, generator=g, dtype=torch.float64) + 0.5, torch.randn(6, 16, generator=g) * 0.5
+    gm = analytic.GaussianMixture(weights, means.double(), torch.full((6,), 0.1))
+    latents = torch.randn(3000, 16, generator=g, dtype=torch.float64)
+    x = sample(gm, latents, solver=solver, num_steps=48, generator=g, **options)
+    k = torch.cdist(x, gm.means).argmin(1)
+    found = torch.bincount(k, minlength=6) / len(x)
+    stds = torch.stack([(x[k == j] - gm.means[j]).square().mean().sqrt() for j in range(6)])
+    assert (found - gm.weights).abs().max().item() < 0.03
+    assert ((stds / 0.1) - 1).abs().max().item() < 0.06, stds
