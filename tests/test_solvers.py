@@ -219,8 +219,11 @@ def test_ays_and_optimized_grids(tmp_path):
     assert (x - ref).square().mean() < (edm - ref).square().mean()
 
 
-@pytest.mark.parametrize("solver,options", [("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {}),
-                                            ("restart", {"restarts": 2, "restart_sigma_max": 2.0})])
+@pytest.mark.slow
+@pytest.mark.parametrize("solver,options", [
+    ("dpmpp_2m_sde", {}), ("dpmpp_3m_sde", {}),
+    ("restart", {"restarts": 2, "restart_sigma_max": 2.0, "restart_steps": 16}),  # 4 inner steps: stds 10% wide
+])
 def test_stochastic_solvers_recover_the_mixture(solver, options):
     """The SDE variants and restart sample the data law: component weights and stds of a 16-D mixture."""
     g = torch.Generator().manual_seed(0)
