@@ -10,8 +10,11 @@ its training set integrates). Every run starts at sigma_max = 80 and stops at
 sigma_min = 0.002 (iDDPM's grid: its table's nearest entries), followed by the
 final step to sigma = 0, which is D itself.
 
-    python benchmarks/solvers.py            # full: benchmarks/results/solvers.{md,png}
+    python benchmarks/solvers.py            # full: benchmarks/results/solvers.{md,png}, few-step section first
     python benchmarks/solvers.py --fast     # seconds: benchmarks/results/solvers_fast.{md,png}
+
+The full run starts with benchmarks/few_step.py: every solver x grid at 5-35 NFE as a
+ratio to EDM's Heun-35, measured orders and the solver overhead (about 8 minutes here).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from edmlab import analytic
+from edmlab.fileio import atomic_write
 from edmlab.sampling import DISCRETIZATIONS, sample, sigma_steps
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -211,9 +215,20 @@ def _run(args: argparse.Namespace) -> dict[str, dict[Config, dict]]:
         latents = torch.randn(n, denoiser.dim, generator=torch.Generator().manual_seed(1 + i), dtype=torch.float64)
         results[name] = run_dataset(denoiser, latents, nfes, tail)
     meta["seconds"] = time.perf_counter() - start
+    few = ""
+    if not args.fast:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import few_step
+
+        few = few_step.markdown(few_step.run(gaussian_mixture, digits)) + "\n## Convergence: end-point error vs NFE\n\n"
     args.outdir.mkdir(parents=True, exist_ok=True)
     stem = "solvers_fast" if args.fast else "solvers"
-    (args.outdir / f"{stem}.md").write_text(markdown(results, meta))
+    text = markdown(results, meta)
+    if few:
+        head, _, rest = text.partition("\n\n")
+        text = head + "\n\n" + few + rest
+    with atomic_write(args.outdir / f"{stem}.md", "w") as f:
+        f.write(text)
     plot(results, meta, args.outdir / f"{stem}.png")
     heun = results["mixture"][Config("heun", "edm")]["order"]
     print(f"wrote {args.outdir / stem}.md/.png in {meta['seconds']:.1f} s; Heun/EDM order on the mixture: {heun:.2f}")

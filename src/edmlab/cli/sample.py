@@ -65,6 +65,8 @@ def _sampler_config(cfg: DictConfig) -> DictConfig:
         for key in SHORTCUTS:
             if cfg.get(key) is not None:
                 sampler[key] = cfg[key]
+        if sampler.get("discretization") == "optimized" and sampler.get("steps_cache") is None:  # once per model
+            sampler["steps_cache"] = f"{resolve_checkpoint(cfg.ckpt)}.steps.json"
     return sampler
 
 
