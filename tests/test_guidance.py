@@ -242,3 +242,15 @@ def test_conditional_experiments_train_with_label_dropout(experiment):
         cfg = compose("train", overrides=[f"experiment={experiment}"] if experiment else [])
     assert cfg.data.use_labels and cfg.network.label_dropout == 0.1
     assert cfg.callbacks.sample_grid.guidance == 1.0
+
+
+def test_sample_takes_guidance_arguments_like_the_wrapper():
+    """sample(..., guidance=w, guide=..., guidance_interval=...) is the sampler on guided(denoiser, w, ...)."""
+    for w, guide, interval in ((1.0, None, None), (2.0, None, None), (2.0, None, (0.28, 5.42)), (2.0, WEAK, None)):
+        via_kwargs = sample(MODEL, LATENTS, num_steps=8, class_labels=LABELS, guidance=w, guide=guide,
+                            guidance_interval=interval)
+        via_wrapper = sample(guided(MODEL, w, guide=guide, interval=interval), LATENTS, num_steps=8,
+                             class_labels=LABELS)
+        assert torch.equal(via_kwargs, via_wrapper)
+    assert torch.equal(sample(MODEL, LATENTS, num_steps=8, class_labels=LABELS, guidance=1.0),
+                       sample(MODEL, LATENTS, num_steps=8, class_labels=LABELS))

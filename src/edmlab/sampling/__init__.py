@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from edmlab import process as processes
+from edmlab.guidance import guided
 from edmlab.process import NoiseProcess
 from edmlab.sampling import classic  # noqa: F401  (importing registers the solvers: EDM's first)
 
@@ -75,7 +76,7 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
            sigma_max: float | None = None, rho: float = 7.0, class_labels: torch.Tensor | None = None,
            generator: Generator = None, return_nfe: bool = False, callback: Callback | None = None,
            analytic_first_step: bool = False, data_mean: Any = 0.0, data_std: float | None = None,
-           **options):
+           guidance: float = 1.0, guide=None, guidance_interval: Sequence[float] | None = None, **options):
     """Draw samples by integrating from unit-Gaussian `latents` (scaled to the first step) down to sigma = 0.
 
     `options` are the solver's (e.g. S_churn for euler/heun/edm_stochastic, order/variant for unipc:
@@ -84,7 +85,11 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
     `data_std`, when given, by the Gaussian posterior mean). The state is float64 (as in EDM's
     sampler); the result has the dtype of `latents`. Steps are clamped to the denoiser's
     [sigma_min, sigma_max] and rounded by its `round_sigma` when it has them (EDM's edm_sampler).
+    `guidance` w integrates D_w = G + w (D - G) (edmlab.guidance): G is the network without labels when
+    `guide` is None (classifier-free), else `guide`; `guidance_interval` limits w to (sigma_lo, sigma_hi].
+    The NFE counts denoiser calls: a classifier-free call is one forward of a doubled batch.
     """
+    denoiser = guided(denoiser, guidance, guide=guide, interval=guidance_interval)
     _check_name("solver", solver, tuple(SOLVERS))
     proc = processes.get(process)
     if not torch.isfinite(latents).all():
