@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from fashion_eval import classify, fid_of, make_sampler, sample_uint8, test_stats, train_classifier  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-HEUN_STEPS = (3, 5, 9, 18)        # NFE 2n - 1: 5, 9, 17, 35
-DPM_STEPS = (5, 10, 20, 35)       # NFE n
+HEUN_STEPS = (3, 6, 18)           # NFE 2n - 1: 5, 11, 35
+DPM_STEPS = (5, 12, 35)           # NFE n
 
 
 def nfe(solver: str, steps: int) -> int:
@@ -74,12 +74,12 @@ def choose_num(budget_s: float, inception_ips: float, eval_ips: float, runs: lis
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, default=None, help="evaluate this run folder (no training)")
-    p.add_argument("--kimg", type=float, default=12.0, help="training images (thousands); default 12 (CPU)")
+    p.add_argument("--kimg", type=float, default=6.0, help="training images (thousands); default 6 (CPU)")
     p.add_argument("--batch", type=int, default=32, help="training batch (default 32: more steps on CPU)")
     p.add_argument("--budget-min", type=float, default=40.0, help="total minutes for the automatic N")
     p.add_argument("--num", type=int, default=None, help="samples per FID (default: fit the budget)")
     p.add_argument("--full", action="store_true", help="EDM protocol: 10,000 samples vs all 10,000 test images")
-    p.add_argument("--classifier-images", type=int, default=20_000, help="real training images for the CNN")
+    p.add_argument("--classifier-images", type=int, default=10_000, help="real training images for the CNN")
     p.add_argument("--heun-steps", type=int, nargs="+", default=list(HEUN_STEPS), help="Heun steps (NFE 2n-1)")
     p.add_argument("--dpm-steps", type=int, nargs="+", default=list(DPM_STEPS), help="DPM-Solver++(2M) steps")
     p.add_argument("--out", type=Path, default=RESULTS)

