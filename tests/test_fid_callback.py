@@ -8,6 +8,7 @@ import socket
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -126,6 +127,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_same_statistics_and_fid_on_one_and_two_gloo_ranks(tmp_path):
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
     ref = reference_stats(real_images(), PixelFeatures(), num=33, batch_size=4)
@@ -140,3 +142,51 @@ def test_same_statistics_and_fid_on_one_and_two_gloo_ranks(tmp_path):
             np.testing.assert_array_equal(f["mu"], stats.mu)
             np.testing.assert_array_equal(f["sigma"], stats.sigma)
             assert float(f["fid"]) == single
+
+
+def test_configs_fid_off_for_digits_on_for_fashion_edm():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import edmlab.cli  # noqa: F401 - the resolvers the configs use
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        digits = compose("train", overrides=["paths.output_dir=/tmp/x"])
+        fashion = compose("train", overrides=["experiment=fashion_edm", "paths.output_dir=/tmp/x"])
+    assert "fid" not in digits.callbacks
+    assert fashion.data.dataset._target_ == "edmlab.data.IdxDataset" and fashion.network.label_dropout > 0
+    assert fashion.model.ema_halflife_kimg == 50  # the experiment, not the defaults
+    cb = instantiate(fashion.callbacks.fid)  # no weights are loaded before the first evaluation
+    assert isinstance(cb, FIDCallback) and cb.key == "fid/1000" and cb.every_kimg == 500 and cb.detector is None
+    assert cb.sampler.keywords["solver"] == "heun" and cb.sampler.keywords["num_steps"] == 18
+
+
+@pytest.mark.slow
+def test_train_py_logs_fid_and_returns_final_fid(tmp_path):
+    """The callback in a real run: digits, csv logger, fid/<num> in metrics.csv, final/fid for the sweepers."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC", "EDMLAB_RUN"))}
+    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root / "tests"), env.get("PYTHONPATH", "")]))
+    run = tmp_path / "run"
+    args = ["callbacks=fid", "callbacks.fid.num=16", "callbacks.fid.every_kimg=0.064", "callbacks.fid.batch_size=8",
+            f"callbacks.fid.ref={tmp_path}/ref.npz", "+callbacks.fid.detector._target_=test_fid_callback.PixelFeatures",
+            "trainer.max_steps=6", "data.batch_size=16", "network.model_channels=8", "network.channel_mult=[1,1]",
+            "network.num_blocks=1", "sampler.num_steps=2", "logger=csv", "callbacks.sample_grid=null",
+            "final_samples=null", "extras.print_config=false", "+optimized_metric=final/fid",
+            f"hydra.run.dir={run}"]
+    done = subprocess.run([sys.executable, str(root / "train.py"), *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    fids = [(int(r["step"]), float(r["fid/16"])) for r in rows if r.get("fid/16")]
+    assert [s for s, _ in fids] == [4, 6]  # at 64 images and at the end (96 images)
+    assert all(np.isfinite(v) and v > 0 for _, v in fids) and (tmp_path / "ref.npz").is_file()

@@ -161,7 +161,7 @@ class FIDCallback(Callback):
         finally:
             denoiser.train(was_training)
         fid = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
-        trainer.callback_metrics[self.key] = torch.tensor(fid)
+        trainer.callback_metrics[self.key] = torch.tensor(fid, dtype=torch.float64)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({self.key: fid}, step=trainer.global_step)
