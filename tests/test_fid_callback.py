@@ -68,7 +68,7 @@ class RecordingLogger:
 
 
 def fake_run(dataset, denoiser, loggers, step: int = 0):
-    trainer = SimpleNamespace(global_step=step, loggers=loggers, callback_metrics={}, is_global_zero=True,
+    trainer = SimpleNamespace(global_step=step, loggers=loggers, callback_metrics={}, is_global_zero=True, callbacks=[],
                               datamodule=SimpleNamespace(base_dataset=dataset))
     module = SimpleNamespace(ema=SimpleNamespace(module=denoiser), batch_size=16, device=torch.device("cpu"))
     return trainer, module

@@ -65,3 +65,5 @@ def test_features_equal_the_torchscript_forward(monkeypatch):
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item() * 10
     # different images give different features (the comparison is not vacuous)
     assert (a[0] - a[1]).norm() > 0.1 * a[0].norm()
+    monkeypatch.setenv(inc.ENV_WEIGHTS, str(REAL))  # $EDMLAB_INCEPTION / --inception take the TorchScript too
+    assert inc.resolve_weights() == REAL and inc.is_torchscript(REAL)

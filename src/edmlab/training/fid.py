@@ -182,8 +182,8 @@ class FIDCallback(Callback):
             self.score(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.at_train_end:
-            return
+        if not self.at_train_end or any(getattr(c, "stopped_by_signal", False) for c in trainer.callbacks):
+            return  # a preempted job saves and exits; the resumed run scores at its own end
         if self._scored_step != trainer.global_step:
             self.score(trainer, pl_module)
         trainer.callback_metrics["final/fid"] = trainer.callback_metrics[self.key]
