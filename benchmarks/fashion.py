@@ -55,8 +55,8 @@ def train(run_dir: Path, kimg: float, batch: int, extra: list[str]) -> float:
 
 def train_rate(run_dir: Path) -> tuple[float | None, float | None]:
     """(images/s of the fit, its seconds) from the progress callback's final line."""
-    log = run_dir / "train.log"
-    found = re.findall(r"trained ([\d.]+) kimg in ([\d.]+) s", log.read_text()) if log.is_file() else []
+    text = "".join(p.read_text() for p in sorted(run_dir.glob("*.log")))  # <task_name>.log
+    found = re.findall(r"trained ([\d.]+) kimg in ([\d.]+) s", text)
     if not found:
         return None, None
     kimg, seconds = map(float, found[-1])
