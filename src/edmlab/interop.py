@@ -91,8 +91,11 @@ def _plain_config(value: Any, where: str = "config") -> Any:
                     "use plain dicts, lists, strings and numbers")
 
 
-def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, config: Any = None) -> Path:
-    """Write edmlab's inference checkpoint atomically (tmp file + os.replace); returns the path."""
+def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, config: Any = None,
+                  global_step: int | None = None) -> Path:
+    """Write edmlab's inference checkpoint atomically; `global_step` records the training step it comes from."""
+    from edmlab.fileio import atomic_torch_save
+
     build_config = getattr(denoiser.net, "build_config", None)
     if build_config is None:
         raise ValueError("denoiser.net has no build_config: build networks with edmlab.networks.build so "
@@ -103,20 +106,10 @@ def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, config: Any = Non
         "network": _plain_config(build_config, "network"),
         "precond": {"kind": denoiser.kind, **_plain_config(denoiser.precond_params, "precond")},
         "config": _plain_config(config),
+        "global_step": None if global_step is None else int(global_step),
         "state_dict": {k: v.detach().cpu() for k, v in denoiser.state_dict().items()},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def _is_pickle(path: Path) -> bool:

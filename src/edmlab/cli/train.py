@@ -137,8 +137,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit as the config says; returns the final metrics and the paths written."""
     from hydra.utils import instantiate
 
+    from edmlab import dist
+    from edmlab.training.checkpoint import sync_export
     from edmlab.training.module import CHECKPOINT_KEY
-    from edmlab.training.resume import check_compatible, resolve_ckpt_path
+    from edmlab.training.resume import CKPT_NAME, check_compatible, resolve_ckpt_path
     from edmlab.training.samples import draw_samples
 
     output_dir = Path(cfg.paths.output_dir)
@@ -156,6 +158,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     own_only = bool(os.environ.get("SLURM_RESTART_COUNT")) or "multiruns" in output_dir.parts
     ckpt_path = resolve_ckpt_path(requested, Path(cfg.paths.log_dir) / cfg.task_name / "runs", output_dir,
                                   own_only=own_only)
+    if ckpt_path is not None and ckpt_path.name == CKPT_NAME and dist.global_rank() == 0:
+        sync_export(ckpt_path.parent, create=False)  # the run resumed from may have been killed mid-save
     run_config = OmegaConf.to_container(cfg, resolve=True)
     datamodule, model = build_model(cfg, run_config=run_config)
 
