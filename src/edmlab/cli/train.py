@@ -200,7 +200,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result["output_dir"] = str(output_dir)
-    stopped = any(getattr(c, "stopped_by_signal", None) for c in callbacks)
+    stopped = next((c.stopped_by_signal for c in callbacks if getattr(c, "stopped_by_signal", None)), None)
+    if stopped:
+        result["stopped_by_signal"] = stopped
     if trainer.is_global_zero and not stopped:
         result.update(_final_losses(model, datamodule))
     if trainer.is_global_zero and not stopped and cfg.get("final_samples"):
@@ -230,10 +232,27 @@ def _final_losses(model, datamodule, num_images: int = 1024) -> dict[str, float]
             "final/loss": reference_loss(model.denoiser.eval(), images, labels)}
 
 
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; returns cfg.optimized_metric of the final metrics (what Hydra's sweepers minimise)."""
-    result = train(cfg)
+    from edmlab.training.module import TrainingDiverged
+
+    try:
+        result = train(cfg)
+    except TrainingDiverged as e:
+        log.error(str(e))
+        if _in_sweep():
+            raise  # a failed trial: the sweep goes on with the next one
+        raise SystemExit(f"error: {e}") from None  # exit 1 with one line, not a traceback
+    if result.get("stopped_by_signal") == "SIGINT":
+        raise SystemExit(130)  # interrupted (as a shell reports Ctrl-C), after saving
     metric = cfg.get("optimized_metric")
     if not metric:
         return None

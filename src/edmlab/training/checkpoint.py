@@ -98,8 +98,8 @@ class Checkpoint(Callback):
                  every_kimg: float | None = 50.0,                  # None: only at the end and on signals
                  snapshot_every_kimg: float | None = None,         # also keep network-snapshot-<kimg>.pt
                  export: bool = True,                              # write last_ema.pt beside last.ckpt
-                 save_on_signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
-                 stop_on_signals: Sequence[str] = ("SIGTERM",),    # save, then end training cleanly
+                 save_on_signals: Sequence[str] = ("SIGTERM", "SIGUSR1", "SIGINT"),
+                 stop_on_signals: Sequence[str] = ("SIGTERM", "SIGINT"),  # save, then end training cleanly
                  save_on_train_end: bool = True,
                  ) -> None:
         self.dirpath = Path(dirpath)
@@ -137,6 +137,10 @@ class Checkpoint(Callback):
 
     # ---------------------------------------------------------------- signals
     def _handler(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and signum in self._received:
+            raise KeyboardInterrupt  # Ctrl-C twice: do not wait for the save
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: saving at the end of this step, then stopping (Ctrl-C again: stop now, no save)")
         self._received.add(signum)  # only a flag: saving needs every rank at a step boundary
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -145,7 +149,7 @@ class Checkpoint(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # registered after Lightning's own handlers, which it restores at teardown
-        self._seen_step = trainer.global_step
+        self._seen_step = self._healthy_since = trainer.global_step
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in set(self.save_on_signals) | set(self.stop_on_signals):
@@ -164,8 +168,25 @@ class Checkpoint(Callback):
         return {s for s, f in zip(watched, flags.tolist(), strict=True) if f > 0}
 
     # ---------------------------------------------------------------- saving
+    def _diverged_since_last_save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+        """Why the weights must not replace the last checkpoint: every step since it skipped, or non-finite."""
+        steps = trainer.global_step - getattr(self, "_healthy_since", trainer.global_step)
+        skipped = int(getattr(pl_module, "consecutive_skipped_steps", 0))
+        if steps > 0 and skipped >= steps:
+            return f"the last {skipped} step(s) all had non-finite gradients"
+        params = [p.detach() for p in pl_module.parameters() if p.is_floating_point()]
+        if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
+            return "the weights are not finite"
+        return None
+
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Collective: every rank calls it; rank 0 writes the export, then renames last.ckpt into place."""
+        reason = self._diverged_since_last_save(trainer, pl_module)  # the same on every rank (all-reduced grads)
+        if reason is not None:
+            log.error(f"step {trainer.global_step}: not saving, {reason}; {self.ckpt_path} keeps the weights of "
+                      f"step {self.last_saved_step}")
+            return
+        self._healthy_since = trainer.global_step
         self.last_saved_step = trainer.global_step
         self._save_count += 1
         self.dirpath.mkdir(parents=True, exist_ok=True)

@@ -25,13 +25,17 @@ from edmlab import loss as losses
 from edmlab.training import rng
 from edmlab.training.ema import EMA, PowerFunctionEMA
 
-__all__ = ["EDMModule", "LearningRate", "reference_loss", "CHECKPOINT_KEY", "EMA_PREFIX"]
+__all__ = ["EDMModule", "LearningRate", "reference_loss", "CHECKPOINT_KEY", "EMA_PREFIX", "TrainingDiverged"]
 
 # The EMA copies are in eval mode on purpose (no dropout when sampling from them).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 CHECKPOINT_KEY = "edmlab"          # checkpoint[CHECKPOINT_KEY]: rebuilds the EMA denoiser without Lightning
 EMA_PREFIX = "ema.module."          # prefix of the EMA denoiser's weights in checkpoint["state_dict"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive optimizer steps had non-finite gradients: the run stopped without saving them."""
 
 
 class LearningRate:
@@ -86,6 +90,7 @@ class EDMModule(L.LightningModule):
                  augment_pipe: Callable | None = None,                # images -> (images, augment_labels)
                  sigma_buckets: Sequence[float] = (0.05, 0.2, 0.8, 3.0),  # edges for loss-by-sigma logs
                  seed: int = 0,                                       # base of the per-rank training RNG
+                 max_nonfinite_steps: int | None = 100,               # stop after this many skipped in a row
                  run_config: dict | None = None,                      # resolved config, stored in checkpoints
                  ) -> None:
         super().__init__()
@@ -104,6 +109,8 @@ class EDMModule(L.LightningModule):
         self.run_config = run_config
         self.skipped_steps = 0            # optimizer steps skipped for non-finite gradients
         self.nonfinite_losses = 0         # micro-batches whose loss was not finite
+        self.consecutive_skipped_steps = 0
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.wandb_run_id: str | None = None
         self._rng_stream: dict | None = None
         self._skip_step = False
@@ -179,9 +186,15 @@ class EDMModule(L.LightningModule):
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
         self._skip_step = False
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.consecutive_skipped_steps = self.consecutive_skipped_steps + 1 if self._skip_step else 0
         if self._skip_step:
             warnings.warn(f"step {self.trainer.global_step}: non-finite gradients, step skipped "
                           f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=1)
+            if self.max_nonfinite_steps and self.consecutive_skipped_steps >= self.max_nonfinite_steps:
+                raise TrainingDiverged(
+                    f"training diverged: {self.consecutive_skipped_steps} consecutive steps had non-finite "
+                    f"gradients (model.max_nonfinite_steps={self.max_nonfinite_steps}); the last checkpoint keeps "
+                    "the weights from before. Lower optim.lr (or raise model.lr_rampup_kimg) and resume or restart")
         else:
             beta = self.ema.update(self.denoiser, nimg, self.batch_size)
             self.log("ema/halflife_kimg", self.ema.halflife_nimg(nimg) / 1000, on_step=True)
