@@ -135,6 +135,19 @@ def _apply_extras(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit as the config says; returns the final metrics and the paths written."""
+    from edmlab import dist
+    from edmlab.cli.runlock import lock_run_dir, unlock_run_dir
+
+    output_dir = Path(cfg.paths.output_dir)
+    if dist.global_rank() == 0:
+        lock_run_dir(output_dir)  # a second run on this folder refuses, naming this one
+    try:
+        return _fit(cfg)
+    finally:
+        unlock_run_dir(output_dir)
+
+
+def _fit(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from edmlab import dist
