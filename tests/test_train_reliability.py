@@ -90,3 +90,28 @@ def test_divergence_stops_with_exit_1_and_keeps_the_last_healthy_checkpoint(tmp_
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     steps = [int(r["step"]) for r in _rows(tmp_path / "run")]
     assert max(steps) < 20  # stopped early, not at max_steps
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=fast", "optim.lr='fast': expected a number (float), got str"),
+    ("data.batch_size=eight", "data.batch_size='eight'"),
+    ("sampler.num_steps=0", "sampler: num_steps must be an integer >= 1, got 0"),
+    ("callbacks.sample_grid.sampler={_target_:edmlab.sampling.sample,_partial_:true,num_steps:0}",
+     "callbacks.sample_grid.sampler: num_steps must be an integer"),
+    ("sampler.sigma_min=100", "sampler: need 0 < sigma_min < sigma_max < inf, got sigma_min=100"),
+    ("sampler.solver=hune", "sampler: unknown solver 'hune'; valid names: euler, heun"),
+    ("final_samples.scale=0", "final_samples.scale=0: expected an integer >= 1"),
+    ("callbacks.sample_grid.per_class=-1", "callbacks.sample_grid.per_class=-1: expected an integer >= 1"),
+])
+def test_bad_settings_fail_at_start_up_in_one_line_naming_the_key(tmp_path, override, message, monkeypatch):
+    import lightning.pytorch
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fit started")
+
+    monkeypatch.setattr(lightning.pytorch.Trainer, "fit", no_fit)
+    overrides = [*tiny("digits_edm"), "trainer.max_steps=1", "callbacks.sample_grid.every_kimg=32", override]
+    with pytest.raises(SystemExit) as exit_:
+        main.__wrapped__(compose_cfg(tmp_path, overrides))
+    text = str(exit_.value.code)
+    assert message in text and "\n" not in text.strip(), text

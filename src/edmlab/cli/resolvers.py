@@ -67,7 +67,12 @@ def run_stamp(parent: str | None = None) -> str:
 
 def steps_for_kimg(kimg: float, batch_size: int) -> int:
     """Optimizer steps that train on `kimg` thousand images at this global batch size."""
-    return max(1, math.ceil(float(kimg) * 1000 / int(batch_size)))
+    try:
+        kimg, batch_size = float(kimg), int(batch_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"duration_kimg={kimg!r}, data.batch_size={batch_size!r}: expected a number of kimg and "
+                         "an integer batch size") from None
+    return max(1, math.ceil(kimg * 1000 / batch_size))
 
 
 def _job_name(default: str) -> str:

@@ -151,6 +151,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from edmlab import dist
+    from edmlab.cli.validate import check_types
     from edmlab.training.checkpoint import sync_export
     from edmlab.training.module import CHECKPOINT_KEY
     from edmlab.training.resume import CKPT_NAME, check_compatible, resolve_ckpt_path
@@ -174,6 +175,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path is not None and ckpt_path.name == CKPT_NAME and dist.global_rank() == 0:
         sync_export(ckpt_path.parent, create=False)  # the run resumed from may have been killed mid-save
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    check_types(run_config)  # `optim.lr=fast` fails here in one line, not in fit
     datamodule, model = build_model(cfg, run_config=run_config)
 
     wandb_id = None
@@ -189,6 +191,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
 
     loggers = _instantiate_all(cfg.get("logger"), "logger", wandb={"id": wandb_id})
     callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks")
+    _check_sampling_settings(cfg, model, callbacks)  # before fit: not at the first grid, hours in
     trainer = _make_trainer(cfg, callbacks, loggers)
     if trainer.is_global_zero:
         for logger in loggers:
@@ -231,6 +234,27 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def _check_sampling_settings(cfg: DictConfig, model, callbacks: list) -> None:
+    """Dry-run every sampler the run will use and check the grid sizes and callbacks' own settings."""
+    from hydra.utils import instantiate
+
+    from edmlab.cli.validate import check_sampling
+
+    samplers, grids, checks = {}, {}, {}
+    if cfg.get("final_samples"):
+        samplers["sampler"] = instantiate(cfg.sampler)
+        grids["final_samples"] = OmegaConf.to_container(cfg.final_samples, resolve=True)
+    names = [k for k, v in (cfg.get("callbacks") or {}).items() if isinstance(v, DictConfig) and "_target_" in v]
+    for name, callback in zip(names, callbacks, strict=True):
+        if callable(getattr(callback, "sampler", None)):
+            samplers[f"callbacks.{name}.sampler"] = callback.sampler
+        if all(hasattr(callback, a) for a in ("per_class", "num_unconditional", "scale")):
+            grids[f"callbacks.{name}"] = {a: getattr(callback, a) for a in ("per_class", "num_unconditional", "scale")}
+        if callable(getattr(callback, "check_settings", None)):  # e.g. a metric callback's own settings
+            checks[f"callbacks.{name}"] = lambda c=callback: c.check_settings(model)
+    check_sampling(model.ema.module, model.data_shape, samplers, grids, checks)
+
+
 def _final_losses(model, datamodule, num_images: int = 1024) -> dict[str, float]:
     """EDM's loss of the EMA and the raw weights on a fixed subset of the data with fixed draws."""
     from edmlab.training.module import reference_loss
@@ -255,11 +279,16 @@ def _in_sweep() -> bool:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; returns cfg.optimized_metric of the final metrics (what Hydra's sweepers minimise)."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    from edmlab.cli.runlock import RunDirInUse
+    from edmlab.cli.validate import ConfigError
     from edmlab.training.module import TrainingDiverged
+    from edmlab.training.resume import IncompatibleCheckpoint
 
     try:
         result = train(cfg)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, ConfigError, IncompatibleCheckpoint, RunDirInUse, InterpolationResolutionError) as e:
         log.error(str(e))
         if _in_sweep():
             raise  # a failed trial: the sweep goes on with the next one
