@@ -115,3 +115,22 @@ def test_bad_settings_fail_at_start_up_in_one_line_naming_the_key(tmp_path, over
         main.__wrapped__(compose_cfg(tmp_path, overrides))
     text = str(exit_.value.code)
     assert message in text and "\n" not in text.strip(), text
+
+
+def test_resume_applies_a_new_lr_and_refuses_a_new_batch_size(tmp_path, caplog):
+    train(compose_cfg(tmp_path, [*BASE, "trainer.max_steps=3", "optim.lr=1e-3"]))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit) as exit_:
+        main.__wrapped__(compose_cfg(tmp_path, [*BASE, "trainer.max_steps=5", "data.batch_size=16"]))
+    assert "cannot resume" in str(exit_.value.code) and "data.batch_size: checkpoint 8 vs this run 16" in \
+        str(exit_.value.code)
+    assert saved_step(ckpt) == 3  # untouched
+    with caplog.at_level("WARNING", logger="edmlab.train"):
+        train(compose_cfg(tmp_path, [*BASE, "trainer.max_steps=5", "optim.lr=2e-3", "model.lr_rampup_kimg=0.08"]))
+    assert "optim.lr: checkpoint 0.001 vs this run 0.002" in caplog.text
+    assert "model.lr_rampup_kimg: checkpoint 0 vs this run 0.08" in caplog.text
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == 5
+    assert state["lr_schedulers"][0]["base_lrs"] == [2e-3]
+    # the new ramp: lr for step 5 = 2e-3 x min(5 x 8 / 80, 1)
+    assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(2e-3 * 40 / 80)

@@ -154,7 +154,13 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
     from edmlab.cli.validate import check_types
     from edmlab.training.checkpoint import sync_export
     from edmlab.training.module import CHECKPOINT_KEY
-    from edmlab.training.resume import CKPT_NAME, check_compatible, resolve_ckpt_path
+    from edmlab.training.resume import (
+        CKPT_NAME,
+        IncompatibleCheckpoint,
+        check_compatible,
+        config_changes,
+        resolve_ckpt_path,
+    )
     from edmlab.training.samples import draw_samples
 
     output_dir = Path(cfg.paths.output_dir)
@@ -185,6 +191,12 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
             raise ValueError(f"ckpt_path={ckpt_path}: not a checkpoint of `python train.py` "
                              "(no 'edmlab' entry)")
         check_compatible(checkpoint, model)  # before Lightning touches it: a clear reason, no traceback maze
+        breaking, applied = config_changes(checkpoint[CHECKPOINT_KEY].get("config") or {}, run_config)
+        if breaking:
+            raise IncompatibleCheckpoint(f"cannot resume {ckpt_path}: {'; '.join(breaking)}. These change what "
+                                         "is trained; set them back, or drop ckpt_path to start a fresh run")
+        if applied:
+            log.warning(f"resuming with changed settings, applied from now on: {'; '.join(applied)}")
         wandb_id = checkpoint[CHECKPOINT_KEY].get("wandb_run_id")
         log.info(f"resuming from {ckpt_path} (step {checkpoint.get('global_step')}, wandb run {wandb_id})")
         del checkpoint

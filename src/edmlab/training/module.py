@@ -134,6 +134,10 @@ class EDMModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.optimizer_factory(params=self.denoiser.parameters())
+        # what this run's config says: a resume restores the checkpoint's values, _apply_configured_optimizer
+        # puts these back (a changed optim.lr or LR schedule on resume is applied, not dropped)
+        self._configured_groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        self._configured_schedule = dict(vars(self.learning_rate))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.learning_rate)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
@@ -218,7 +222,23 @@ class EDMModule(L.LightningModule):
         self._reset_buckets()
 
     # ------------------------------------------------------------------ RNG stream
+    def _apply_configured_optimizer(self) -> None:
+        configured = getattr(self, "_configured_groups", None)
+        configs = getattr(self.trainer, "lr_scheduler_configs", None)
+        if not configured or not configs or not self.trainer.optimizers:
+            return
+        schedule_changed = vars(self.learning_rate) != self._configured_schedule  # LambdaLR restored the ckpt's
+        vars(self.learning_rate).update(self._configured_schedule)
+        opt, sched = self.trainer.optimizers[0], configs[0].scheduler
+        for i, (group, conf) in enumerate(zip(opt.param_groups, configured, strict=True)):
+            changed = {k: v for k, v in conf.items() if k not in ("lr", "initial_lr") and group.get(k) != v}
+            group.update(changed)
+            if sched.base_lrs[i] != conf["lr"] or changed or schedule_changed:
+                sched.base_lrs[i] = group["initial_lr"] = conf["lr"]
+                group["lr"] = conf["lr"] * self.learning_rate(sched.last_epoch)
+
     def on_train_start(self) -> None:
+        self._apply_configured_optimizer()
         if self._rng_stream is None:  # fresh run: a stream per rank (EDM seeds each rank differently)
             rng.seed_all(rng.derive_seed(self.seed, self.global_rank))
             self._rng_stream = rng.get_state()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 __all__ = ["resolve_ckpt_path", "read_metadata", "check_compatible", "IncompatibleCheckpoint", "CKPT_NAME",
-           "load_ema_denoiser"]
+           "load_ema_denoiser", "config_changes", "BREAKING_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,39 @@ def check_compatible(checkpoint: dict[str, Any], module: torch.nn.Module) -> Non
             + "\n  ".join(problems)
             + "\nResume with the same network/precond config as the original run (see its "
               ".hydra/config.yaml), or drop ckpt_path to start a fresh run.")
+
+
+# Changing these mid-run makes a different run: refused on resume. Everything else (optim.*, durations, intervals,
+# EMA and LR schedule settings) is applied and logged; IGNORED_KEYS say where the run happens, not what it is.
+BREAKING_KEYS = ("network", "precond", "data.batch_size", "model.batch_size", "model.augment_pipe",
+                 "model.phema_sigma_rels", "model.data_shape")
+IGNORED_KEYS = ("paths", "hydra", "ckpt_path", "logger", "extras", "tags", "task_name", "model.optimizer",
+                "callbacks.sample_grid.sampler", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
+                "trainer.strategy", "trainer.plugins", "data.num_workers", "data.root", "data.path")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith((f"{p}.", f"{p}[")) for p in prefixes)
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(breaking, applied): "key: checkpoint X vs this run Y" for each setting that differs."""
+    old, new, missing = _flatten(stored), _flatten(current), object()
+    breaking, applied = [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a == b or _under(key, IGNORED_KEYS):
+            continue
+        text = f"{key}: checkpoint {'<absent>' if a is missing else repr(a)} vs this run " \
+               f"{'<absent>' if b is missing else repr(b)}"
+        (breaking if _under(key, BREAKING_KEYS) else applied).append(text)
+    return breaking, applied
 
 
 def load_ema_denoiser(path: str | os.PathLike, map_location: Any = "cpu") -> torch.nn.Module:
