@@ -66,7 +66,11 @@ class VPPrecond(Precond):
         c_skip = torch.ones_like(sigma)
         c_out = -sigma
         c_in = 1 / (sigma**2 + 1).sqrt()
-        c_noise = (self.M - 1) * self.process.sigma_inv(sigma)
+        # NVlabs' float32 t(sigma) with log(1 + sigma^2), not log1p: their VP networks were trained on exactly
+        # these values, and the Fourier embedding of NCSN++ amplifies a one-ulp difference
+        s = sigma.to(torch.float32)
+        beta_d, beta_min = self.process.beta_d, self.process.beta_min
+        c_noise = (self.M - 1) * (((beta_min**2 + 2 * beta_d * (1 + s**2).log()).sqrt() - beta_min) / beta_d)
         return c_skip, c_out, c_in, c_noise
 
 

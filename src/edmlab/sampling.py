@@ -9,13 +9,14 @@ ends with the step to sigma = 0, which is the denoiser output itself, and
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from edmlab import process as processes
-from edmlab.precond import iddpm_u
 from edmlab.process import VP, NoiseProcess
 
 __all__ = ["sample", "sigma_steps", "SOLVERS", "DISCRETIZATIONS"]
@@ -36,6 +37,16 @@ def _default_range(discretization: str, process: NoiseProcess, epsilon_s: float)
     vp = VP()
     return {"edm": (0.002, 80.0), "vp": (vp.sigma(epsilon_s), vp.sigma(1.0)), "ve": (0.02, 100.0),
             "iddpm": (0.002, 81.0), "uniform_t": (process.sigma_min, process.sigma_max)}[discretization]
+
+
+@functools.lru_cache(maxsize=8)
+def _iddpm_table(M: int, C_1: float, C_2: float) -> torch.Tensor:
+    """The iDDPM table as NVlabs' generate.py builds it: alpha_bar of an int64 j in float32, u in float64."""
+    alpha_bar = lambda j: (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2  # noqa: E731 - per 0-dim tensor, as theirs
+    u = torch.zeros(M + 1, dtype=torch.float64)
+    for j in torch.arange(M, 0, -1):
+        u[j - 1] = ((u[j] ** 2 + 1) / (alpha_bar(j - 1) / alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+    return u
 
 
 def sigma_steps(discretization: str, num_steps: int, *, sigma_min: float | None = None,
@@ -62,12 +73,13 @@ def sigma_steps(discretization: str, num_steps: int, *, sigma_min: float | None 
     elif discretization == "ve":  # geometric in sigma
         sigmas = sigma_max * (sigma_min / sigma_max) ** i
     elif discretization == "iddpm":  # iDDPM's table, evenly strided
-        u = iddpm_u(M, C_1, C_2)
+        u = _iddpm_table(M, C_1, C_2)
         u = u[(u >= sigma_min) & (u <= sigma_max)]
         if num_steps > len(u):
             raise ValueError(f"the iddpm discretization has {len(u)} table entries in [{sigma_min:g}, {sigma_max:g}];"
                              f" num_steps={num_steps} would repeat steps")
-        sigmas = u[((len(u) - 1) * i + 0.5).floor().long()]
+        step = torch.arange(num_steps, dtype=torch.float64)  # NVlabs' rounding: (L-1)/(N-1) x i, half to even
+        sigmas = u[((len(u) - 1) / max(num_steps - 1, 1) * step).round().long()]
     else:  # uniform in the process's own t
         t0, t1 = proc.sigma_inv(sigma_max), proc.sigma_inv(sigma_min)
         sigmas = proc.sigma(t0 + i * (t1 - t0))
@@ -164,6 +176,7 @@ def _euler_maruyama(D, x, t_steps, proc, noise):
     return _denoise(proc, D, x, t_steps[-2], t_steps[-1])
 
 
+_GRID_KEYS = ("epsilon_s", "M", "C_1", "C_2")  # sigma_steps' own settings, passed through by sample
 SOLVERS = ("euler", "heun", "edm_stochastic", "ddim", "euler_maruyama", "ddpm_ancestral", "dpmpp_2m")
 _SCALED = {"ddim": _ddim, "ddpm_ancestral": _ddpm_ancestral, "dpmpp_2m": _dpmpp_2m}  # process-free solvers
 
@@ -181,6 +194,11 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
     rounded by its `round_sigma` when it has them (EDM's edm_sampler).
     """
     _check_name("solver", solver, SOLVERS)
+    unknown = sorted(set(grid_params) - set(_GRID_KEYS))
+    if unknown:
+        valid = [k for k in inspect.signature(sample).parameters if k not in ("denoiser", "latents", "grid_params")]
+        raise TypeError(f"unknown sampler key(s) {', '.join(unknown)}; valid keys: "
+                        f"{', '.join(valid + list(_GRID_KEYS))}")
     proc = processes.get(process)
     if not torch.isfinite(latents).all():
         raise ValueError("latents contain NaN or Inf")
