@@ -197,8 +197,7 @@ def _wrong_kind(path: Path, found: str) -> ValueError:
 
 def _load_training_checkpoint(path: Path, ckpt: dict, use_ema: bool, map_location: Any) -> Denoiser:
     """The EMA (or raw) denoiser of an edmlab Lightning checkpoint, rebuilt from checkpoint['edmlab']."""
-    from edmlab.interop import CheckpointFormatError, load_weights
-    from edmlab.networks import build
+    from edmlab.interop import CheckpointFormatError, build_checked, load_weights
 
     meta = ckpt["edmlab"]
     if not meta.get("network"):
@@ -209,7 +208,7 @@ def _load_training_checkpoint(path: Path, ckpt: dict, use_ema: bool, map_locatio
     if not state:
         raise CheckpointFormatError(f"{path}: no weights under {prefix!r} in state_dict "
                                     f"({'EMA' if use_ema else 'raw'} weights requested by use_ema={use_ema})")
-    denoiser = Denoiser(build(**dict(meta["network"])), **dict(meta["precond"]))
+    denoiser = Denoiser(build_checked(dict(meta["network"]), state, str(path), prefix="net."), **dict(meta["precond"]))
     load_weights(denoiser, state, source=f"{path} ({'EMA' if use_ema else 'raw'} weights)")
     if meta.get("data_shape"):
         denoiser.data_shape = [int(s) for s in meta["data_shape"]]

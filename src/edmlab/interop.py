@@ -32,6 +32,7 @@ from edmlab.networks import build
 from edmlab.precond import Denoiser
 
 __all__ = ["FORMAT", "VERSION", "CheckpointFormatError", "UnsafePickleError", "save_denoiser", "load_denoiser",
+           "check_weights", "build_checked",
            "load_edm_pickle", "read_edm_snapshot", "EDMSnapshot", "load", "load_weights", "PersistentRecord",
            "ModuleRecord"]
 
@@ -51,6 +52,22 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Strict load by name; the error names the first missing or mismatching tensor (in module order)."""
+    check_weights(module, state_dict, source)
+    module.load_state_dict(dict(state_dict), strict=True)
+
+
+def build_checked(network: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], source: str,
+                  prefix: str = "") -> nn.Module:
+    """`edmlab.networks.build(**network)` once the tensors under `prefix` fit it, checked on the meta device:
+    a file declaring a huge network is refused before any memory is allocated for it."""
+    with torch.device("meta"):
+        probe = build(**network)
+    check_weights(probe, {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, source)
+    return build(**network)
+
+
+def check_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointFormatError naming the first tensor missing, of another shape, or unexpected."""
     expected = module.state_dict()
     for name, tensor in expected.items():
         if name not in state_dict:
@@ -64,7 +81,6 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], sour
     if unexpected:
         raise CheckpointFormatError(f"{source}: the checkpoint has tensors the network does not: "
                                     f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    module.load_state_dict(dict(state_dict), strict=True)
 
 
 # --------------------------------------------------------------------------- edmlab checkpoint
@@ -143,7 +159,7 @@ def load_denoiser(path: str | os.PathLike, map_location: Any = "cpu") -> Denoise
         raise CheckpointFormatError(f"{path}: edmlab checkpoint version {ckpt.get('version')!r} is not supported "
                                     f"(this edmlab reads version {VERSION})")
     network, precond = dict(ckpt["network"]), dict(ckpt["precond"])
-    denoiser = Denoiser(build(**network), **precond)
+    denoiser = Denoiser(build_checked(network, ckpt["state_dict"], str(path), prefix="net."), **precond)
     load_weights(denoiser, ckpt["state_dict"], source=str(path))
     return denoiser.to(map_location if isinstance(map_location, str | torch.device) else "cpu").eval()
 
@@ -299,8 +315,11 @@ def _state_of(record: Any) -> dict:
     return record.state if isinstance(record, PersistentRecord | ModuleRecord) else {}
 
 
-def _named_tensors(record: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def _named_tensors(record: Any, prefix: str = "", _path: tuple[int, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """The state_dict of a recorded module: parameters, persistent buffers, then submodules (nn.Module order)."""
+    if id(record) in _path:
+        raise CheckpointFormatError(f"the module tree has a cycle: {prefix.rstrip('.') or 'the top module'} "
+                                    "contains a module that contains it; not a network snapshot")
     state = _state_of(record)
     for name, tensor in (state.get("_parameters") or {}).items():
         if tensor is not None:
@@ -311,7 +330,7 @@ def _named_tensors(record: Any, prefix: str = "") -> Iterator[tuple[str, torch.T
             yield prefix + name, tensor
     for name, child in (state.get("_modules") or {}).items():
         if child is not None:
-            yield from _named_tensors(child, f"{prefix}{name}.")
+            yield from _named_tensors(child, f"{prefix}{name}.", (*_path, id(record)))
 
 
 # --------------------------------------------------------------------------- EDM -> edmlab mapping
@@ -356,7 +375,8 @@ def _model_kwargs(precond: PersistentRecord, model: Any, source: str) -> tuple[s
                             out_channels=out, label_dim=kwargs.get("label_dim", 0), **model_kwargs)
 
 
-def _build_from_edm(class_name: str, kwargs: dict[str, Any], source: str) -> nn.Module:
+def _build_from_edm(class_name: str, kwargs: dict[str, Any], source: str, tensors: Mapping[str, torch.Tensor],
+                    weights: str) -> nn.Module:
     """The edmlab network equivalent to EDM's `class_name(**kwargs)`."""
     if class_name not in _NETWORK_DEFAULTS:
         raise CheckpointFormatError(f"{source}: network class {class_name!r} is not supported; edmlab maps "
@@ -377,20 +397,23 @@ def _build_from_edm(class_name: str, kwargs: dict[str, Any], source: str) -> nn.
         name = "ncsnpp" if kwargs["embedding_type"] == "fourier" else "ddpmpp"
     else:
         name = "adm"
-    return build(name, img_resolution=img_resolution, img_channels=img_channels, **kwargs)
+    return build_checked(dict(name=name, img_resolution=img_resolution, img_channels=img_channels, **kwargs), tensors,
+                         weights)
 
 
-def _plain_record(value: Any) -> Any:
+def _plain_record(value: Any, depth: int = 0) -> Any:
     """Snapshot metadata (loss, augment pipe, dataset kwargs) as plain data for a config."""
+    if depth > 64:  # settings are a few levels deep; deeper is a cycle or a crafted file
+        raise CheckpointFormatError("snapshot metadata nested more than 64 levels (a cycle?); not an EDM snapshot")
     if isinstance(value, PersistentRecord):
         kwargs = value.init_kwargs
         if kwargs is None:
             kwargs = {k: v for k, v in value.state.items() if not k.startswith("_")}
-        return {"class_name": value.class_name, "kwargs": _plain_record(kwargs)}
+        return {"class_name": value.class_name, "kwargs": _plain_record(kwargs, depth + 1)}
     if isinstance(value, Mapping):
-        return {str(k): _plain_record(v) for k, v in value.items()}
+        return {str(k): _plain_record(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain_record(v) for v in value]
+        return [_plain_record(v, depth + 1) for v in value]
     if value is None or isinstance(value, str | bool | int | float):
         return value
     return repr(value)
@@ -449,9 +472,14 @@ def read_edm_snapshot(path: str | os.PathLike, key: str = "ema") -> EDMSnapshot:
     if model is None:
         raise CheckpointFormatError(f"{source}: {precond.class_name} has no 'model' submodule")
     class_name, model_kwargs = _model_kwargs(precond, model, source)
-    net = _build_from_edm(class_name, model_kwargs, source)
+    try:
+        tensors = dict(_named_tensors(model))
+    except CheckpointFormatError as err:
+        raise CheckpointFormatError(f"{source}: {err}") from None
+    weights = f"{source} ({class_name} weights)"
+    net = _build_from_edm(class_name, model_kwargs, source, tensors, weights)
     denoiser = Denoiser(net, kind=kind, **params)
-    load_weights(net, dict(_named_tensors(model)), source=f"{source} ({class_name} weights)")
+    load_weights(net, tensors, source=weights)
     return EDMSnapshot(denoiser=denoiser.eval(), precond_class=precond.class_name,
                        loss=_plain_record(data.get("loss_fn")), augment_pipe=_plain_record(data.get("augment_pipe")),
                        dataset_kwargs=_plain_record(dict(data.get("dataset_kwargs") or {})))

@@ -159,6 +159,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
         IncompatibleCheckpoint,
         check_compatible,
         config_changes,
+        load_training_checkpoint,
         resolve_ckpt_path,
     )
     from edmlab.training.samples import draw_samples
@@ -186,10 +187,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
 
     wandb_id = None
     if ckpt_path is not None:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        if CHECKPOINT_KEY not in checkpoint:
-            raise ValueError(f"ckpt_path={ckpt_path}: not a checkpoint of `python train.py` "
-                             "(no 'edmlab' entry)")
+        checkpoint = load_training_checkpoint(ckpt_path)  # what the file is instead, in one line
         check_compatible(checkpoint, model)  # before Lightning touches it: a clear reason, no traceback maze
         breaking, applied = config_changes(checkpoint[CHECKPOINT_KEY].get("config") or {}, run_config)
         if breaking:

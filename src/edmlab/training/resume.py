@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = ["resolve_ckpt_path", "read_metadata", "check_compatible", "IncompatibleCheckpoint", "CKPT_NAME",
-           "load_ema_denoiser", "config_changes", "BREAKING_KEYS"]
+           "load_ema_denoiser", "config_changes", "BREAKING_KEYS", "load_training_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +59,36 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, runs_dir: str | os.Pa
     return path
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """checkpoint["edmlab"] without loading the tensors into memory (memory-mapped)."""
+def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A last.ckpt of `python train.py`, memory-mapped; else IncompatibleCheckpoint saying what the file is."""
+    from edmlab.interop import FORMAT
+
+    path = Path(path)
+    resume = "resume from a checkpoints/last.ckpt (or a run folder) of `python train.py`"
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"
+        what = ("a pickle: an official EDM network-snapshot-*.pkl is for sampling (sample.py ckpt=...), not for "
+                "resuming" if pickled else "neither a torch.save archive nor a pickle")
+        raise IncompatibleCheckpoint(f"ckpt_path={path} is not a training checkpoint: it is {what}; {resume}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    meta = ckpt.get("edmlab") if isinstance(ckpt, dict) else None
-    if meta is None:
-        raise ValueError(f"{path}: no 'edmlab' entry; resume only from a last.ckpt written by "
-                         "`python train.py`")
-    return meta
+    except Exception as e:  # noqa: BLE001 - torch's advice (weights_only=False) would run code from the file
+        raise IncompatibleCheckpoint(f"ckpt_path={path} is not a readable training checkpoint ({type(e).__name__}: "
+                                     "it holds more than tensors and plain containers, or is damaged); edmlab "
+                                     f"never unpickles code; {resume}") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        raise IncompatibleCheckpoint(f"ckpt_path={path} is an inference export (EMA weights only: no optimizer, "
+                                     f"data or RNG state); {resume}, e.g. the last.ckpt beside it")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("edmlab"), dict):
+        raise IncompatibleCheckpoint(f"ckpt_path={path} has no 'edmlab' entry: not written by edmlab's training; "
+                                     f"{resume}")
+    return ckpt
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """checkpoint["edmlab"] without loading the tensors into memory (memory-mapped)."""
+    return load_training_checkpoint(path)["edmlab"]
 
 
 def _diff(a: dict, b: dict) -> list[str]:
