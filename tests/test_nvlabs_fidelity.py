@@ -39,12 +39,20 @@ def nvlabs_iddpm_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: floa
     return u_filtered[((len(u_filtered) - 1) / (num_steps - 1) * step_indices).round().to(torch.int64)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # network inputs / sampler states
-def test_vp_c_noise_is_nvlabs_float32_formula_bit_for_bit(dtype):
-    sigma = torch.logspace(-3, 2.2, 4001, dtype=dtype)
-    c_noise = get("vp").coefficients(sigma)[3]
-    assert c_noise.dtype == torch.float32
-    assert torch.equal(c_noise, nvlabs_vp_c_noise(sigma))
+@pytest.mark.parametrize("net_dtype", [torch.float32, torch.float64])
+def test_vp_c_noise_is_nvlabs_float32_formula_for_float32_networks(net_dtype):
+    """The network sees NVlabs' float32 c_noise whatever the sampler's state dtype; float64 networks the exact t."""
+    sigma = torch.logspace(-3, 2.2, 4001, dtype=torch.float64)
+    seen = []
+    net = build("mlp", img_resolution=1, img_channels=2, hidden_channels=8, num_blocks=1).to(net_dtype)
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    Denoiser(net, kind="vp")(torch.zeros(len(sigma), 2, dtype=torch.float64), sigma)
+    if net_dtype == torch.float32:
+        assert torch.equal(seen[0], nvlabs_vp_c_noise(sigma))
+        assert torch.equal(get("vp").coefficients(sigma.float())[3], nvlabs_vp_c_noise(sigma))
+    else:
+        exact = 999 * get("vp").process.sigma_inv(sigma)
+        assert torch.allclose(seen[0], exact, rtol=1e-13, atol=0)
 
 
 def test_ncsnpp_under_vp_matches_nvlabs_forward():
