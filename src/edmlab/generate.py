@@ -195,11 +195,14 @@ def _wrong_kind(path: Path, found: str) -> ValueError:
                                  f"Accepted kinds:\n  - {kinds}")
 
 
-def _load_training_checkpoint(path: Path, ckpt: dict, use_ema: bool, map_location: Any) -> Denoiser:
+def _load_training_checkpoint(path: Path, ckpt: dict, use_ema: bool, map_location: Any,
+                              verify: bool = True) -> Denoiser:
     """The EMA (or raw) denoiser of an edmlab Lightning checkpoint, rebuilt from checkpoint['edmlab']."""
-    from edmlab.interop import CheckpointFormatError, build_checked, load_weights
+    from edmlab.interop import CheckpointFormatError, build_checked, load_weights, verify_hash
 
     meta = ckpt["edmlab"]
+    if verify:
+        verify_hash(ckpt.get("state_dict", {}), meta.get("sha256"), str(path))
     if not meta.get("network"):
         raise CheckpointFormatError(f"{path}: checkpoint['edmlab'] has no 'network' build config; the network "
                                     "was not built with edmlab.networks.build, so it cannot be rebuilt")
@@ -215,7 +218,8 @@ def _load_training_checkpoint(path: Path, ckpt: dict, use_ema: bool, map_locatio
     return denoiser.to(map_location).eval()
 
 
-def load_denoiser_any(path: str | os.PathLike, use_ema: bool = True, map_location: Any = "cpu") -> Denoiser:
+def load_denoiser_any(path: str | os.PathLike, use_ema: bool = True, map_location: Any = "cpu",
+                      verify: bool = True) -> Denoiser:
     """A Denoiser from any accepted checkpoint kind, told apart by content (never by file name).
 
     Reads (a) edmlab inference checkpoints, (b) edmlab Lightning training checkpoints, EMA weights by
@@ -235,9 +239,9 @@ def load_denoiser_any(path: str | os.PathLike, use_ema: bool = True, map_locatio
             if not use_ema:
                 raise ValueError(f"{path} is an exported inference checkpoint holding one set of weights; "
                                  "use_ema=false needs a training checkpoint (last.ckpt)")
-            return interop.load_denoiser(path, map_location=map_location)
+            return interop.load_denoiser(path, map_location=map_location, verify=verify)
         if isinstance(ckpt, dict) and isinstance(ckpt.get("edmlab"), Mapping):
-            return _load_training_checkpoint(path, ckpt, use_ema, map_location)
+            return _load_training_checkpoint(path, ckpt, use_ema, map_location, verify)
         if isinstance(ckpt, dict) and "pytorch-lightning_version" in ckpt:
             raise _wrong_kind(path, "a Lightning checkpoint without the 'edmlab' entry (not written by "
                                     "edmlab's training)")

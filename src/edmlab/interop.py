@@ -32,7 +32,7 @@ from edmlab.networks import build
 from edmlab.precond import Denoiser
 
 __all__ = ["FORMAT", "VERSION", "CheckpointFormatError", "UnsafePickleError", "save_denoiser", "load_denoiser",
-           "check_weights", "build_checked",
+           "check_weights", "build_checked", "content_hash", "verify_hash",
            "load_edm_pickle", "read_edm_snapshot", "EDMSnapshot", "load", "load_weights", "PersistentRecord",
            "ModuleRecord"]
 
@@ -86,6 +86,26 @@ def check_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], sou
 # --------------------------------------------------------------------------- edmlab checkpoint
 
 
+def content_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (sorted by name): catches silent bit flips."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def verify_hash(state_dict: Mapping[str, torch.Tensor], expected: str | None, source: str) -> None:
+    """Raise CheckpointFormatError when the tensors do not hash to `expected` (None: file without a hash)."""
+    if expected is not None and content_hash(state_dict) != expected:
+        raise CheckpointFormatError(f"{source}: the tensors do not match the content hash stored at save time: the "
+                                    "file is corrupted (disk or transfer bit flips); use another copy, or pass "
+                                    "verify=False (sample.py verify_hash=false) to load it anyway")
+
+
 def _plain_config(value: Any, where: str = "config") -> Any:
     """A resolved config as plain dict/list/scalars (what `torch.load(weights_only=True)` accepts)."""
     try:
@@ -125,6 +145,7 @@ def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, config: Any = Non
         "global_step": None if global_step is None else int(global_step),
         "state_dict": {k: v.detach().cpu() for k, v in denoiser.state_dict().items()},
     }
+    payload["sha256"] = content_hash(payload["state_dict"])
     return atomic_torch_save(payload, path)
 
 
@@ -133,8 +154,10 @@ def _is_pickle(path: Path) -> bool:
         return f.read(1) == b"\x80"
 
 
-def load_denoiser(path: str | os.PathLike, map_location: Any = "cpu") -> Denoiser:
-    """Read an edmlab inference checkpoint (weights_only) and rebuild its Denoiser, in eval mode."""
+def load_denoiser(path: str | os.PathLike, map_location: Any = "cpu", verify: bool = True) -> Denoiser:
+    """Read an edmlab inference checkpoint (weights_only) and rebuild its Denoiser, in eval mode.
+
+    `verify` checks the tensors against the content hash stored at save time (skip it for speed)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -158,6 +181,8 @@ def load_denoiser(path: str | os.PathLike, map_location: Any = "cpu") -> Denoise
     if ckpt.get("version") != VERSION:
         raise CheckpointFormatError(f"{path}: edmlab checkpoint version {ckpt.get('version')!r} is not supported "
                                     f"(this edmlab reads version {VERSION})")
+    if verify:
+        verify_hash(ckpt["state_dict"], ckpt.get("sha256"), str(path))
     network, precond = dict(ckpt["network"]), dict(ckpt["precond"])
     denoiser = Denoiser(build_checked(network, ckpt["state_dict"], str(path), prefix="net."), **precond)
     load_weights(denoiser, ckpt["state_dict"], source=str(path))

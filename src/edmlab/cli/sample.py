@@ -74,7 +74,8 @@ def run(cfg: DictConfig) -> GenerateResult:
     rank, world_size = distributed_env()
     device = resolve_device(str(cfg.device))
     seeds = parse_seeds(OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds)
-    denoiser = load_denoiser_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device)
+    denoiser = load_denoiser_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device,
+                                 verify=bool(cfg.get("verify_hash", True)))
     sampler_cfg = _sampler_config(cfg)
     sampler = instantiate(sampler_cfg)
     shape = list(cfg.shape) if cfg.get("shape") is not None else None

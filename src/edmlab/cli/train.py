@@ -187,7 +187,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
 
     wandb_id = None
     if ckpt_path is not None:
-        checkpoint = load_training_checkpoint(ckpt_path)  # what the file is instead, in one line
+        checkpoint = load_training_checkpoint(ckpt_path, verify=bool(cfg.get("verify_checkpoint", True)))
         check_compatible(checkpoint, model)  # before Lightning touches it: a clear reason, no traceback maze
         breaking, applied = config_changes(checkpoint[CHECKPOINT_KEY].get("config") or {}, run_config)
         if breaking:

@@ -278,6 +278,10 @@ class EDMModule(L.LightningModule):
         meta["rng"] = streams
         meta["counters"] = {"skipped_steps": self.skipped_steps, "nonfinite_losses": self.nonfinite_losses}
         meta["wandb_run_id"] = self.wandb_run_id
+        if "state_dict" in checkpoint:  # verified on resume and when sampling from it
+            from edmlab.interop import content_hash
+
+            meta["sha256"] = content_hash(checkpoint["state_dict"])
         checkpoint[CHECKPOINT_KEY] = meta
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -59,9 +59,11 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, runs_dir: str | os.Pa
     return path
 
 
-def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A last.ckpt of `python train.py`, memory-mapped; else IncompatibleCheckpoint saying what the file is."""
-    from edmlab.interop import FORMAT
+def load_training_checkpoint(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
+    """A last.ckpt of `python train.py`, memory-mapped; else IncompatibleCheckpoint saying what the file is.
+
+    `verify` checks the weights against the content hash stored at save time (reads every tensor)."""
+    from edmlab.interop import FORMAT, CheckpointFormatError, verify_hash
 
     path = Path(path)
     resume = "resume from a checkpoints/last.ckpt (or a run folder) of `python train.py`"
@@ -83,6 +85,12 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("edmlab"), dict):
         raise IncompatibleCheckpoint(f"ckpt_path={path} has no 'edmlab' entry: not written by edmlab's training; "
                                      f"{resume}")
+    if verify:
+        try:
+            verify_hash(ckpt.get("state_dict", {}), ckpt["edmlab"].get("sha256"), str(path))
+        except CheckpointFormatError as e:
+            raise IncompatibleCheckpoint(f"cannot resume: {e}".replace("verify=False (sample.py verify_hash=false)",
+                                                                      "verify_checkpoint=false")) from None
     return ckpt
 
 
