@@ -62,22 +62,23 @@ def build_checked(network: Mapping[str, Any], state_dict: Mapping[str, torch.Ten
     a file declaring a huge network is refused before any memory is allocated for it."""
     with torch.device("meta"):
         probe = build(**network)
-    check_weights(probe, {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, source)
+    check_weights(probe, {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, source, prefix)
     return build(**network)
 
 
-def check_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise CheckpointFormatError naming the first tensor missing, of another shape, or unexpected."""
+def check_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                  prefix: str = "") -> None:
+    """Raise CheckpointFormatError naming (with `prefix`) the first tensor missing, of another shape, or unexpected."""
     expected = module.state_dict()
     for name, tensor in expected.items():
         if name not in state_dict:
-            raise CheckpointFormatError(f"{source}: tensor {name!r} of the network is missing from the checkpoint "
-                                        f"({len(state_dict)} tensors given, {len(expected)} expected)")
+            raise CheckpointFormatError(f"{source}: tensor {prefix + name!r} of the network is missing from the "
+                                        f"checkpoint ({len(state_dict)} tensors given, {len(expected)} expected)")
         given = state_dict[name]
         if tuple(given.shape) != tuple(tensor.shape):
-            raise CheckpointFormatError(f"{source}: tensor {name!r} has shape {tuple(given.shape)} in the "
+            raise CheckpointFormatError(f"{source}: tensor {prefix + name!r} has shape {tuple(given.shape)} in the "
                                         f"checkpoint but {tuple(tensor.shape)} in the network built from its config")
-    unexpected = [name for name in state_dict if name not in expected]
+    unexpected = [prefix + name for name in state_dict if name not in expected]
     if unexpected:
         raise CheckpointFormatError(f"{source}: the checkpoint has tensors the network does not: "
                                     f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
