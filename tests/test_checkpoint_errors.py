@@ -68,7 +68,7 @@ def test_declared_network_is_checked_against_the_tensors_before_it_is_built(tmp_
         return build(*args, **kwargs)
 
     monkeypatch.setattr(interop, "build", spy)
-    with pytest.raises(CheckpointFormatError, match=r"'net.map_layer0.weight' has shape \(32, 8\) in the checkpoint but "
-                                                    r"\(16384, 4096\) in the network"):
+    with pytest.raises(CheckpointFormatError, match=r"'net.map_layer0.weight' has shape \(32, 8\) in the checkpoint "
+                                                    r"but \(16384, 4096\) in the network"):
         load_denoiser(path)
     assert devices == ["meta"]  # only the memory-free probe was built
