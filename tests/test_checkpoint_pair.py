@@ -133,9 +133,11 @@ def test_twenty_sigkills_at_random_moments_leave_no_inconsistent_pair(tmp_path):
     folder = run / "checkpoints"
     inconsistent, ahead, kills = 0, 0, 0
     for _ in range(20):
+        before = (folder / "last.ckpt").stat().st_mtime_ns if (folder / "last.ckpt").exists() else None
         proc = _train(run, "trainer.max_steps=100000")
         deadline = time.time() + 300
-        while not (folder / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        while proc.poll() is None and time.time() < deadline and (  # until this process has saved once
+                not (folder / "last.ckpt").exists() or (folder / "last.ckpt").stat().st_mtime_ns == before):
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
