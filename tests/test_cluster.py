@@ -232,7 +232,7 @@ def test_sigusr1_saves_requeues_and_resumes_same_wandb_run(tmp_path):
     run, calls = tmp_path / "run", tmp_path / "requeue_calls.txt"
     recorder = tmp_path / "scontrol_requeue.py"
     recorder.write_text("import sys\nopen(sys.argv[1], 'a').write(' '.join(sys.argv[2:]) + '\\n')\n")
-    common = [*TINY, "logger=wandb", "++callbacks.requeue._target_=edmlab.cluster.Requeue",
+    common = [*TINY, "logger=wandb",  # callbacks.requeue is in the default callbacks: no override needed
               "callbacks.checkpoint.every_kimg=0.32", f"hydra.run.dir={run}"]  # a periodic save every 10 steps
     env = _env(WANDB_MODE="offline", WANDB_SILENT="true", SLURM_JOB_ID="4242",
                **{cluster.REQUEUE_CMD_ENV: f"{sys.executable} {recorder} {calls}"})

@@ -456,3 +456,30 @@ def test_lightning_resume_sees_the_same_batches(tmp_path):
     assert torch.load(tmp_path / "a.ckpt", weights_only=True)["VectorDataModule"]["images"] == 12
     second = _fit(5, ckpt_path=tmp_path / "a.ckpt")
     assert len(full) == 10 and first + second == full
+
+
+def test_damaged_images_are_named_checked_up_front_or_skipped(tmp_path):
+    """A truncated PNG passes the header check; the full check (cached) names it, skip drops it with a count."""
+    import zipfile as zf
+
+    folder = tmp_path / "imgs"
+    _write_folder(folder, ["a.png", "b.png", "c.png"], _images(3))
+    data = (folder / "b.png").read_bytes()
+    (folder / "b.png").write_bytes(data[: len(data) // 2])
+    lazy = ImageFolderDataset(folder)  # headers only: the damage shows when b.png is decoded
+    with pytest.raises(ValueError, match=r"imgs/b.png: cannot decode the image"):
+        lazy.load_image(1)
+    with pytest.raises(ValueError, match=r"imgs/b.png: cannot decode the image .*\(1 of 3 images cannot be decoded"):
+        ImageFolderDataset(folder, full_check=True)
+    cache = tmp_path / ".imgs.checked.json"
+    assert "b.png" in json.loads(cache.read_text())["bad"]
+    skipped = ImageFolderDataset(folder, on_error="skip")
+    assert skipped.names == ["a.png", "c.png"] and skipped.skipped == ["b.png"] and len(skipped) == 2
+
+    archive = tmp_path / "mac.zip"
+    with zf.ZipFile(archive, "w") as z:
+        for name in ("a.png", "c.png"):
+            z.write(folder / name, f"imgs/{name}")
+        z.writestr("__MACOSX/imgs/._a.png", b"\x00\x05\x16\x07 resource fork")
+        z.writestr("imgs/._c.png", b"\x00\x05\x16\x07 resource fork")
+    assert ImageFolderDataset(archive).names == ["imgs/a.png", "imgs/c.png"]

@@ -22,6 +22,7 @@ from edmlab.generate import (
     generate,
     generate_batch,
     load_denoiser_any,
+    npz_name,
     parse_seeds,
     png_path,
     seed_generators,
@@ -157,12 +158,12 @@ def test_npz_matches_pngs_and_ranks_merge(tmp_path):
     for rank in (1, 0):
         generate(denoiser, seeds, tmp_path / "npz2", HEUN, batch_size=2, class_labels="all", format="npz", rank=rank,
                  world_size=2, progress=False)
-    with np.load(tmp_path / "npz" / "samples.npz") as f:
+    with np.load(tmp_path / "npz" / npz_name(seeds)) as f:
         single = dict(f)
     assert single["images"].dtype == np.uint8 and single["images"].shape == (6, 8, 8, 1)
     assert single["seeds"].tolist() == seeds and single["labels"].tolist() == [s % 3 for s in seeds]
     np.testing.assert_array_equal(single["images"][..., 0], read_pngs(tmp_path / "png", seeds))
-    with np.load(tmp_path / "npz2" / "samples.npz") as f:
+    with np.load(tmp_path / "npz2" / npz_name(seeds)) as f:
         merged = dict(f)
     for key in single:
         np.testing.assert_array_equal(merged[key], single[key])
@@ -303,7 +304,7 @@ def test_cli_run_in_process(tmp_path):
                                            "progress=false", "batch_size=3", "device=cpu"])
     result = run(cfg)
     assert result.written == [0, 1, 2, 7]
-    with np.load(tmp_path / "out" / "samples.npz") as f:
+    with np.load(tmp_path / "out" / npz_name([0, 1, 2, 7])) as f:
         assert f["seeds"].tolist() == [0, 1, 2, 7] and f["labels"].tolist() == [2] * 4
         euler = functools.partial(sample, solver="euler", num_steps=3)
         expected = to_uint8_nhwc(generate_batch(load_denoiser_any(ckpt), [0, 1, 2], euler, class_labels=2)[0])

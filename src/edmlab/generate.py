@@ -37,14 +37,13 @@ from edmlab.precond import Denoiser
 
 __all__ = ["parse_seeds", "distributed_env", "batches_for_rank", "seed_generators", "draw_labels",
            "generate_batch", "to_uint8_nhwc", "png_path", "data_shape", "load_denoiser_any", "resolve_checkpoint",
-           "generate", "GenerateResult", "ACCEPTED_KINDS"]
+           "generate", "GenerateResult", "ACCEPTED_KINDS", "npz_name"]
 
 log = logging.getLogger(__name__)
 
 Sampler = Callable[..., torch.Tensor]  # sampler(denoiser, latents, class_labels=..., generator=[...])
 ClassLabels = int | str | None
 MANIFEST = "sample_settings.json"
-NPZ_NAME = "samples.npz"
 ACCEPTED_KINDS = ("an edmlab inference checkpoint (edmlab.interop.save_denoiser, e.g. checkpoints/last_ema.pt)",
                   "an edmlab Lightning training checkpoint (checkpoints/last.ckpt of `python train.py`)",
                   "an official NVlabs/edm snapshot pickle (network-snapshot-*.pkl)")
@@ -195,12 +194,14 @@ def _wrong_kind(path: Path, found: str) -> ValueError:
                                  f"Accepted kinds:\n  - {kinds}")
 
 
-def _load_training_checkpoint(path: Path, ckpt: dict, use_ema: bool, map_location: Any) -> Denoiser:
+def _load_training_checkpoint(path: Path, ckpt: dict, use_ema: bool, map_location: Any,
+                              verify: bool = True) -> Denoiser:
     """The EMA (or raw) denoiser of an edmlab Lightning checkpoint, rebuilt from checkpoint['edmlab']."""
-    from edmlab.interop import CheckpointFormatError, load_weights
-    from edmlab.networks import build
+    from edmlab.interop import CheckpointFormatError, build_checked, load_weights, verify_hash
 
     meta = ckpt["edmlab"]
+    if verify:
+        verify_hash(ckpt.get("state_dict", {}), meta.get("sha256"), str(path))
     if not meta.get("network"):
         raise CheckpointFormatError(f"{path}: checkpoint['edmlab'] has no 'network' build config; the network "
                                     "was not built with edmlab.networks.build, so it cannot be rebuilt")
@@ -209,14 +210,15 @@ def _load_training_checkpoint(path: Path, ckpt: dict, use_ema: bool, map_locatio
     if not state:
         raise CheckpointFormatError(f"{path}: no weights under {prefix!r} in state_dict "
                                     f"({'EMA' if use_ema else 'raw'} weights requested by use_ema={use_ema})")
-    denoiser = Denoiser(build(**dict(meta["network"])), **dict(meta["precond"]))
+    denoiser = Denoiser(build_checked(dict(meta["network"]), state, str(path), prefix="net."), **dict(meta["precond"]))
     load_weights(denoiser, state, source=f"{path} ({'EMA' if use_ema else 'raw'} weights)")
     if meta.get("data_shape"):
         denoiser.data_shape = [int(s) for s in meta["data_shape"]]
     return denoiser.to(map_location).eval()
 
 
-def load_denoiser_any(path: str | os.PathLike, use_ema: bool = True, map_location: Any = "cpu") -> Denoiser:
+def load_denoiser_any(path: str | os.PathLike, use_ema: bool = True, map_location: Any = "cpu",
+                      verify: bool = True) -> Denoiser:
     """A Denoiser from any accepted checkpoint kind, told apart by content (never by file name).
 
     Reads (a) edmlab inference checkpoints, (b) edmlab Lightning training checkpoints, EMA weights by
@@ -236,9 +238,9 @@ def load_denoiser_any(path: str | os.PathLike, use_ema: bool = True, map_locatio
             if not use_ema:
                 raise ValueError(f"{path} is an exported inference checkpoint holding one set of weights; "
                                  "use_ema=false needs a training checkpoint (last.ckpt)")
-            return interop.load_denoiser(path, map_location=map_location)
+            return interop.load_denoiser(path, map_location=map_location, verify=verify)
         if isinstance(ckpt, dict) and isinstance(ckpt.get("edmlab"), Mapping):
-            return _load_training_checkpoint(path, ckpt, use_ema, map_location)
+            return _load_training_checkpoint(path, ckpt, use_ema, map_location, verify)
         if isinstance(ckpt, dict) and "pytorch-lightning_version" in ckpt:
             raise _wrong_kind(path, "a Lightning checkpoint without the 'edmlab' entry (not written by "
                                     "edmlab's training)")
@@ -357,16 +359,29 @@ class GenerateResult:
     seconds: float = 0.0
 
 
-def _npz_part(outdir: Path, rank: int, world: int) -> Path:
-    return outdir / f".samples-part{rank:04d}-of-{world:04d}.npz"
+def npz_name(seeds: Sequence[int]) -> str:
+    """samples-<first>-<last>.npz for a seed range (EDM's FID protocol writes three ranges into one folder);
+    other seed lists add a digest of the list, so two lists never share a file."""
+    import hashlib
+
+    lo, hi = min(seeds), max(seeds)
+    name = f"samples-{lo:06d}-{hi:06d}"
+    if list(seeds) != list(range(lo, hi + 1)):
+        name += "-" + hashlib.sha1(",".join(map(str, seeds)).encode()).hexdigest()[:8]
+    return name + ".npz"
+
+
+def _npz_part(outdir: Path, rank: int, world: int, name: str) -> Path:
+    return outdir / f".{Path(name).stem}-part{rank:04d}-of-{world:04d}.npz"
 
 
 def _merge_npz_parts(outdir: Path, seeds: Sequence[int], world: int) -> Path | None:
     """Whichever rank finds every part written merges them in seed-list order (an O_EXCL lock picks one)."""
-    parts = [_npz_part(outdir, r, world) for r in range(world)]
+    name = npz_name(seeds)
+    parts = [_npz_part(outdir, r, world, name) for r in range(world)]
     if not all(p.is_file() for p in parts):
         return None
-    lock = outdir / f".{NPZ_NAME}.lock"
+    lock = outdir / f".{name}.lock"
     try:
         os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
@@ -377,7 +392,7 @@ def _merge_npz_parts(outdir: Path, seeds: Sequence[int], world: int) -> Path | N
         merged = {k: np.concatenate([part[k] for part in loaded]) for k in loaded[0]}
         order = {int(s): i for i, s in enumerate(merged["seeds"])}
         index = np.array([order[int(s)] for s in seeds])
-        out = outdir / NPZ_NAME
+        out = outdir / name
         _save_npz(out, **{k: v[index] for k, v in merged.items()})
         for p in parts:
             p.unlink(missing_ok=True)
@@ -392,7 +407,7 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], outdir: str | os.P
              world_size: int = 1, settings: Mapping[str, Any] | None = None, progress: bool = True) -> GenerateResult:
     """Generate the images of `seeds` into `outdir` (this rank's share), skipping PNGs already written.
 
-    format="png": outdir/{seed - seed % 1000:06d}/{seed:06d}.png; format="npz": outdir/samples.npz with
+    format="png": outdir/{seed - seed % 1000:06d}/{seed:06d}.png; format="npz": outdir/`npz_name(seeds)` with
     images (uint8 NHWC; `samples` float32 for vector data), seeds and labels (-1: unconditional);
     grid=True: one outdir/grid.png of all seeds (rank 0 draws it). `settings` (what determines the
     pixels) is stored in outdir/sample_settings.json and must match on resume.
@@ -412,7 +427,8 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], outdir: str | os.P
     outdir.mkdir(parents=True, exist_ok=True)
     _check_manifest(outdir, settings, rank)
     batches = batches_for_rank(seeds, batch_size, 0 if grid else rank, 1 if grid else world_size)
-    npz_out = outdir / NPZ_NAME if world_size == 1 or grid else _npz_part(outdir, rank, world_size)
+    whole = outdir / npz_name(seeds)
+    npz_out = whole if world_size == 1 or grid else _npz_part(outdir, rank, world_size, whole.name)
     mine = [s for b in batches for s in b]
     done: set[int] = set()
     if format == "png" and not grid:
@@ -423,9 +439,9 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], outdir: str | os.P
     elif not grid and npz_out.is_file() and np.load(npz_out)["seeds"].tolist() == mine:
         done = set(mine)  # this rank's part (or the whole single-process file) is already written
         batches = []
-    elif not grid and (outdir / NPZ_NAME).is_file() and set(np.load(outdir / NPZ_NAME)["seeds"].tolist()) >= set(seeds):
-        result.skipped, result.paths = mine, [outdir / NPZ_NAME]
-        log.info(f"{outdir / NPZ_NAME} already holds every seed; nothing to do")
+    elif not grid and whole.is_file() and set(np.load(whole)["seeds"].tolist()) >= set(seeds):
+        result.skipped, result.paths = mine, [whole]
+        log.info(f"{whole} already holds every seed; nothing to do")
         return result
     result.skipped = [s for s in mine if s in done]
     if result.skipped:

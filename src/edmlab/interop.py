@@ -34,6 +34,7 @@ from edmlab.networks import build
 from edmlab.precond import Denoiser
 
 __all__ = ["FORMAT", "VERSION", "CheckpointFormatError", "UnsafePickleError", "save_denoiser", "load_denoiser",
+           "check_weights", "build_checked", "content_hash", "verify_hash",
            "load_edm_pickle", "read_edm_snapshot", "EDMSnapshot", "load", "load_weights", "PersistentRecord",
            "ModuleRecord"]
 
@@ -53,23 +54,59 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Strict load by name; the error names the first missing or mismatching tensor (in module order)."""
-    expected = module.state_dict()
-    for name, tensor in expected.items():
-        if name not in state_dict:
-            raise CheckpointFormatError(f"{source}: tensor {name!r} of the network is missing from the checkpoint "
-                                        f"({len(state_dict)} tensors given, {len(expected)} expected)")
-        given = state_dict[name]
-        if tuple(given.shape) != tuple(tensor.shape):
-            raise CheckpointFormatError(f"{source}: tensor {name!r} has shape {tuple(given.shape)} in the "
-                                        f"checkpoint but {tuple(tensor.shape)} in the network built from its config")
-    unexpected = [name for name in state_dict if name not in expected]
-    if unexpected:
-        raise CheckpointFormatError(f"{source}: the checkpoint has tensors the network does not: "
-                                    f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    check_weights(module, state_dict, source)
     module.load_state_dict(dict(state_dict), strict=True)
 
 
+def build_checked(network: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], source: str,
+                  prefix: str = "") -> nn.Module:
+    """`edmlab.networks.build(**network)` once the tensors under `prefix` fit it, checked on the meta device:
+    a file declaring a huge network is refused before any memory is allocated for it."""
+    with torch.device("meta"):
+        probe = build(**network)
+    check_weights(probe, {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, source, prefix)
+    return build(**network)
+
+
+def check_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                  prefix: str = "") -> None:
+    """Raise CheckpointFormatError naming (with `prefix`) the first tensor missing, of another shape, or unexpected."""
+    expected = module.state_dict()
+    for name, tensor in expected.items():
+        if name not in state_dict:
+            raise CheckpointFormatError(f"{source}: tensor {prefix + name!r} of the network is missing from the "
+                                        f"checkpoint ({len(state_dict)} tensors given, {len(expected)} expected)")
+        given = state_dict[name]
+        if tuple(given.shape) != tuple(tensor.shape):
+            raise CheckpointFormatError(f"{source}: tensor {prefix + name!r} has shape {tuple(given.shape)} in the "
+                                        f"checkpoint but {tuple(tensor.shape)} in the network built from its config")
+    unexpected = [prefix + name for name in state_dict if name not in expected]
+    if unexpected:
+        raise CheckpointFormatError(f"{source}: the checkpoint has tensors the network does not: "
+                                    f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+
+
 # --------------------------------------------------------------------------- edmlab checkpoint
+
+
+def content_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (sorted by name): catches silent bit flips."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def verify_hash(state_dict: Mapping[str, torch.Tensor], expected: str | None, source: str) -> None:
+    """Raise CheckpointFormatError when the tensors do not hash to `expected` (None: file without a hash)."""
+    if expected is not None and content_hash(state_dict) != expected:
+        raise CheckpointFormatError(f"{source}: the tensors do not match the content hash stored at save time: the "
+                                    "file is corrupted (disk or transfer bit flips); use another copy, or pass "
+                                    "verify=False (sample.py verify_hash=false) to load it anyway")
 
 
 def _plain_config(value: Any, where: str = "config") -> Any:
@@ -93,8 +130,11 @@ def _plain_config(value: Any, where: str = "config") -> Any:
                     "use plain dicts, lists, strings and numbers")
 
 
-def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, config: Any = None) -> Path:
-    """Write edmlab's inference checkpoint atomically (tmp file + os.replace); returns the path."""
+def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, config: Any = None,
+                  global_step: int | None = None) -> Path:
+    """Write edmlab's inference checkpoint atomically; `global_step` records the training step it comes from."""
+    from edmlab.fileio import atomic_torch_save
+
     build_config = getattr(denoiser.net, "build_config", None)
     if build_config is None:
         raise ValueError("denoiser.net has no build_config: build networks with edmlab.networks.build so "
@@ -105,20 +145,11 @@ def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, config: Any = Non
         "network": _plain_config(build_config, "network"),
         "precond": {"kind": denoiser.kind, **_plain_config(denoiser.precond_params, "precond")},
         "config": _plain_config(config),
+        "global_step": None if global_step is None else int(global_step),
         "state_dict": {k: v.detach().cpu() for k, v in denoiser.state_dict().items()},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    payload["sha256"] = content_hash(payload["state_dict"])
+    return atomic_torch_save(payload, path)
 
 
 def _is_pickle(path: Path) -> bool:
@@ -126,8 +157,10 @@ def _is_pickle(path: Path) -> bool:
         return f.read(1) == b"\x80"
 
 
-def load_denoiser(path: str | os.PathLike, map_location: Any = "cpu") -> Denoiser:
-    """Read an edmlab inference checkpoint (weights_only) and rebuild its Denoiser, in eval mode."""
+def load_denoiser(path: str | os.PathLike, map_location: Any = "cpu", verify: bool = True) -> Denoiser:
+    """Read an edmlab inference checkpoint (weights_only) and rebuild its Denoiser, in eval mode.
+
+    `verify` checks the tensors against the content hash stored at save time (skip it for speed)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -151,8 +184,10 @@ def load_denoiser(path: str | os.PathLike, map_location: Any = "cpu") -> Denoise
     if ckpt.get("version") != VERSION:
         raise CheckpointFormatError(f"{path}: edmlab checkpoint version {ckpt.get('version')!r} is not supported "
                                     f"(this edmlab reads version {VERSION})")
+    if verify:
+        verify_hash(ckpt["state_dict"], ckpt.get("sha256"), str(path))
     network, precond = dict(ckpt["network"]), dict(ckpt["precond"])
-    denoiser = Denoiser(build(**network), **precond)
+    denoiser = Denoiser(build_checked(network, ckpt["state_dict"], str(path), prefix="net."), **precond)
     load_weights(denoiser, ckpt["state_dict"], source=str(path))
     return denoiser.to(map_location if isinstance(map_location, str | torch.device) else "cpu").eval()
 
@@ -319,8 +354,11 @@ def _state_of(record: Any) -> dict:
     return record.state if isinstance(record, PersistentRecord | ModuleRecord) else {}
 
 
-def _named_tensors(record: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def _named_tensors(record: Any, prefix: str = "", _path: tuple[int, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """The state_dict of a recorded module: parameters, persistent buffers, then submodules (nn.Module order)."""
+    if id(record) in _path:
+        raise CheckpointFormatError(f"the module tree has a cycle: {prefix.rstrip('.') or 'the top module'} "
+                                    "contains a module that contains it; not a network snapshot")
     state = _state_of(record)
     for name, tensor in (state.get("_parameters") or {}).items():
         if tensor is not None:
@@ -331,7 +369,7 @@ def _named_tensors(record: Any, prefix: str = "") -> Iterator[tuple[str, torch.T
             yield prefix + name, tensor
     for name, child in (state.get("_modules") or {}).items():
         if child is not None:
-            yield from _named_tensors(child, f"{prefix}{name}.")
+            yield from _named_tensors(child, f"{prefix}{name}.", (*_path, id(record)))
 
 
 # --------------------------------------------------------------------------- EDM -> edmlab mapping
@@ -376,7 +414,8 @@ def _model_kwargs(precond: PersistentRecord, model: Any, source: str) -> tuple[s
                             out_channels=out, label_dim=kwargs.get("label_dim", 0), **model_kwargs)
 
 
-def _build_from_edm(class_name: str, kwargs: dict[str, Any], source: str) -> nn.Module:
+def _build_from_edm(class_name: str, kwargs: dict[str, Any], source: str, tensors: Mapping[str, torch.Tensor],
+                    weights: str) -> nn.Module:
     """The edmlab network equivalent to EDM's `class_name(**kwargs)`."""
     if class_name not in _NETWORK_DEFAULTS:
         raise CheckpointFormatError(f"{source}: network class {class_name!r} is not supported; edmlab maps "
@@ -397,20 +436,23 @@ def _build_from_edm(class_name: str, kwargs: dict[str, Any], source: str) -> nn.
         name = "ncsnpp" if kwargs["embedding_type"] == "fourier" else "ddpmpp"
     else:
         name = "adm"
-    return build(name, img_resolution=img_resolution, img_channels=img_channels, **kwargs)
+    return build_checked(dict(name=name, img_resolution=img_resolution, img_channels=img_channels, **kwargs), tensors,
+                         weights)
 
 
-def _plain_record(value: Any) -> Any:
+def _plain_record(value: Any, depth: int = 0) -> Any:
     """Snapshot metadata (loss, augment pipe, dataset kwargs) as plain data for a config."""
+    if depth > 64:  # settings are a few levels deep; deeper is a cycle or a crafted file
+        raise CheckpointFormatError("snapshot metadata nested more than 64 levels (a cycle?); not an EDM snapshot")
     if isinstance(value, PersistentRecord):
         kwargs = value.init_kwargs
         if kwargs is None:
             kwargs = {k: v for k, v in value.state.items() if not k.startswith("_")}
-        return {"class_name": value.class_name, "kwargs": _plain_record(kwargs)}
+        return {"class_name": value.class_name, "kwargs": _plain_record(kwargs, depth + 1)}
     if isinstance(value, Mapping):
-        return {str(k): _plain_record(v) for k, v in value.items()}
+        return {str(k): _plain_record(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain_record(v) for v in value]
+        return [_plain_record(v, depth + 1) for v in value]
     if value is None or isinstance(value, str | bool | int | float):
         return value
     return repr(value)
@@ -472,9 +514,14 @@ def read_edm_snapshot(path: str | os.PathLike, key: str = "ema") -> EDMSnapshot:
     if model is None:
         raise CheckpointFormatError(f"{source}: {precond.class_name} has no 'model' submodule")
     class_name, model_kwargs = _model_kwargs(precond, model, source)
-    net = _build_from_edm(class_name, model_kwargs, source)
+    try:
+        tensors = dict(_named_tensors(model))
+    except CheckpointFormatError as err:
+        raise CheckpointFormatError(f"{source}: {err}") from None
+    weights = f"{source} ({class_name} weights)"
+    net = _build_from_edm(class_name, model_kwargs, source, tensors, weights)
     denoiser = Denoiser(net, kind=kind, **params)
-    load_weights(net, dict(_named_tensors(model)), source=f"{source} ({class_name} weights)")
+    load_weights(net, tensors, source=weights)
     return EDMSnapshot(denoiser=denoiser.eval(), precond_class=precond.class_name,
                        loss=_plain_record(data.get("loss_fn")), augment_pipe=_plain_record(data.get("augment_pipe")),
                        dataset_kwargs=_plain_record(dict(data.get("dataset_kwargs") or {})))

@@ -66,8 +66,14 @@ class VPPrecond(Precond):
         c_skip = torch.ones_like(sigma)
         c_out = -sigma
         c_in = 1 / (sigma**2 + 1).sqrt()
-        c_noise = (self.M - 1) * self.process.sigma_inv(sigma)
-        return c_skip, c_out, c_in, c_noise
+        return c_skip, c_out, c_in, self.c_noise(sigma)
+
+    def c_noise(self, sigma):
+        """(M-1) t(sigma): exact in float64; below, NVlabs' formula with log(1 + sigma^2) in sigma's dtype, the
+        values their VP networks were trained on (NCSN++'s Fourier embedding amplifies a one-ulp difference)."""
+        beta_d, beta_min = self.process.beta_d, self.process.beta_min
+        log = (sigma**2).log1p() if sigma.dtype == torch.float64 else (1 + sigma**2).log()
+        return (self.M - 1) * (((beta_min**2 + 2 * beta_d * log).sqrt() - beta_min) / beta_d)
 
 
 class VEPrecond(Precond):
@@ -192,6 +198,8 @@ class Denoiser(nn.Module):
         sigma = sigma.reshape(-1, *([1] * (x.ndim - 1))).expand(x.shape[0], *([1] * (x.ndim - 1)))
         c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma)
         dtype = next(self.net.parameters(), x).dtype
+        if self.kind == "vp":  # in the network's dtype, as NVlabs computes it
+            c_noise = self.precond.c_noise(sigma.to(dtype))
         F_x = self.net((c_in * x).to(dtype), c_noise.flatten().to(dtype), class_labels=class_labels,
                        augment_labels=augment_labels)
         D_x = c_skip * x + c_out * F_x[:, : x.shape[1]].to(x.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import os
 from pathlib import Path
@@ -28,11 +29,16 @@ def global_rank() -> int:
     return 0
 
 
-def run_stamp() -> str:
+_stamps: dict[str, str] = {}  # parent folder -> the name this process claimed in it
+
+
+def run_stamp(parent: str | None = None) -> str:
     """The run-folder name, identical on every rank and node of one job.
 
     $EDMLAB_RUN_STAMP, else the SLURM job/step (srun launches every rank; a requeued job
-    gets its folder back), else the torchrun rendezvous id, else the start time.
+    gets its folder back), else the torchrun rendezvous id, else the start time. A start time
+    is claimed in `parent` by creating the folder (mkdir is exclusive): a run started in the
+    same second gets `<time>-1`, `-2`, ...; asked again, this process gets the same name.
     """
     if os.environ.get("EDMLAB_RUN_STAMP"):
         return os.environ["EDMLAB_RUN_STAMP"]
@@ -43,12 +49,30 @@ def run_stamp() -> str:
     rdzv = os.environ.get("TORCHELASTIC_RUN_ID")
     if rdzv and rdzv != "none":
         return f"torchrun-{rdzv}"
-    return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    if parent is None:
+        return stamp
+    if str(parent) not in _stamps:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        for n in itertools.count():
+            name = stamp if n == 0 else f"{stamp}-{n}"
+            try:
+                (Path(parent) / name).mkdir()
+            except FileExistsError:
+                continue
+            _stamps[str(parent)] = name
+            break
+    return _stamps[str(parent)]
 
 
 def steps_for_kimg(kimg: float, batch_size: int) -> int:
     """Optimizer steps that train on `kimg` thousand images at this global batch size."""
-    return max(1, math.ceil(float(kimg) * 1000 / int(batch_size)))
+    try:
+        kimg, batch_size = float(kimg), int(batch_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"duration_kimg={kimg!r}, data.batch_size={batch_size!r}: expected a number of kimg and "
+                         "an integer batch size") from None
+    return max(1, math.ceil(kimg * 1000 / batch_size))
 
 
 def _job_name(default: str) -> str:
@@ -58,8 +82,21 @@ def _job_name(default: str) -> str:
 
 
 def _output_subdir(default: str) -> str | None:
-    """Only rank 0 writes the .hydra/ folder (all ranks share one run folder)."""
-    return default if global_rank() == 0 else None
+    """Only rank 0 writes the .hydra/ folder (all ranks share one run folder), once it holds the folder's lock."""
+    from edmlab import dist
+
+    if global_rank() != 0 or dist.global_rank() != 0:
+        return None
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:  # sweep jobs: a folder per job
+        from edmlab.cli.runlock import lock_run_dir
+
+        output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
+        if output_dir:
+            lock_run_dir(output_dir)  # before the .hydra/ of a run in use is overwritten
+    return default
 
 
 def register() -> None:

@@ -22,7 +22,7 @@ from edmlab.generate import (
 )
 from edmlab.guidance import guided
 
-__all__ = ["main", "run", "resolve_device", "ckpt_name", "CONFIG_DIR"]
+__all__ = ["main", "run", "resolve_device", "ckpt_name", "checkpoint_identity", "CONFIG_DIR"]
 
 log = logging.getLogger("edmlab.sample")
 
@@ -56,6 +56,27 @@ def resolve_device(name: str) -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device(name)
+
+
+def checkpoint_identity(path: Path) -> dict[str, Any]:
+    """What tells two states of a checkpoint file apart: its stored content hash (or the file's sha256), step, size.
+
+    Stored in the outdir's manifest: rerunning into an outdir after more training refuses to mix two models."""
+    import hashlib
+    import zipfile
+
+    identity: dict[str, Any] = {"bytes": path.stat().st_size}
+    if zipfile.is_zipfile(path):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        meta = ckpt.get("edmlab") if isinstance(ckpt.get("edmlab"), dict) else ckpt
+        identity.update(sha256=meta.get("sha256"), global_step=ckpt.get("global_step"))
+    if identity.get("sha256") is None:  # EDM pickles and older files: hash the bytes
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        identity["sha256"] = digest.hexdigest()
+    return identity
 
 
 def _sampler_config(cfg: DictConfig) -> DictConfig:
@@ -100,8 +121,10 @@ def run(cfg: DictConfig) -> GenerateResult:
         set_attention(str(cfg.attention))
     device = resolve_device(str(cfg.device))
     seeds = parse_seeds(OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds)
-    denoiser = load_denoiser_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device)
-    guide = load_denoiser_any(cfg.guide, map_location=device) if cfg.get("guide") else None
+    denoiser = load_denoiser_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device,
+                                 verify=bool(cfg.get("verify_hash", True)))
+    guide = (load_denoiser_any(cfg.guide, map_location=device, verify=bool(cfg.get("verify_hash", True)))
+             if cfg.get("guide") else None)
     interval = list(cfg.guidance_interval) if cfg.get("guidance_interval") is not None else None
     denoiser = guided(denoiser, float(cfg.get("guidance", 1.0)), guide=guide, interval=interval)
     sampler_cfg = _sampler_config(cfg)
@@ -110,7 +133,8 @@ def run(cfg: DictConfig) -> GenerateResult:
     class_labels: Any = cfg.class_labels
     # What fixes the pixels: a resumed run must agree (batch size, ranks and format do not change them).
     solver = {k: v for k, v in OmegaConf.to_container(sampler_cfg, resolve=True).items() if not k.startswith("_")}
-    settings = {"ckpt": str(resolve_checkpoint(cfg.ckpt).resolve()), "use_ema": bool(cfg.use_ema),
+    path = resolve_checkpoint(cfg.ckpt)
+    settings = {"ckpt": str(path.resolve()), "checkpoint": checkpoint_identity(path), "use_ema": bool(cfg.use_ema),
                 "sampler": solver, "class_labels": class_labels, "device_type": device.type, "shape": shape,
                 "decode": str(cfg.get("decode", "auto"))}
     if float(cfg.get("guidance", 1.0)) != 1:  # guidance = 1 is the unguided sampler: older folders stay valid

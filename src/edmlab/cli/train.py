@@ -141,10 +141,33 @@ def _apply_extras(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit as the config says; returns the final metrics and the paths written."""
+    from edmlab import dist
+    from edmlab.cli.runlock import lock_run_dir, unlock_run_dir
+
+    output_dir = Path(cfg.paths.output_dir)
+    if dist.global_rank() == 0:
+        lock_run_dir(output_dir)  # a second run on this folder refuses, naming this one
+    try:
+        return _fit(cfg)
+    finally:
+        unlock_run_dir(output_dir)
+
+
+def _fit(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
+    from edmlab import dist
+    from edmlab.cli.validate import check_types
+    from edmlab.training.checkpoint import sync_export
     from edmlab.training.module import CHECKPOINT_KEY
-    from edmlab.training.resume import check_compatible, resolve_ckpt_path
+    from edmlab.training.resume import (
+        CKPT_NAME,
+        IncompatibleCheckpoint,
+        check_compatible,
+        config_changes,
+        load_training_checkpoint,
+        resolve_ckpt_path,
+    )
     from edmlab.training.samples import draw_samples
 
     output_dir = Path(cfg.paths.output_dir)
@@ -164,22 +187,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     own_only = bool(os.environ.get("SLURM_RESTART_COUNT")) or "multiruns" in output_dir.parts
     ckpt_path = resolve_ckpt_path(requested, Path(cfg.paths.log_dir) / cfg.task_name / "runs", output_dir,
                                   own_only=own_only)
+    if ckpt_path is not None and ckpt_path.name == CKPT_NAME and dist.global_rank() == 0:
+        sync_export(ckpt_path.parent, create=False)  # the run resumed from may have been killed mid-save
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    check_types(run_config)  # `optim.lr=fast` fails here in one line, not in fit
     datamodule, model = build_model(cfg, run_config=run_config)
 
     wandb_id = None
     if ckpt_path is not None:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        if CHECKPOINT_KEY not in checkpoint:
-            raise ValueError(f"ckpt_path={ckpt_path}: not a checkpoint of `python train.py` "
-                             "(no 'edmlab' entry)")
+        checkpoint = load_training_checkpoint(ckpt_path, verify=bool(cfg.get("verify_checkpoint", True)))
         check_compatible(checkpoint, model)  # before Lightning touches it: a clear reason, no traceback maze
+        breaking, applied = config_changes(checkpoint[CHECKPOINT_KEY].get("config") or {}, run_config)
+        if breaking:
+            raise IncompatibleCheckpoint(f"cannot resume {ckpt_path}: {'; '.join(breaking)}. These change what "
+                                         "is trained; set them back, or drop ckpt_path to start a fresh run")
+        if applied:
+            log.warning(f"resuming with changed settings, applied from now on: {'; '.join(applied)}")
         wandb_id = checkpoint[CHECKPOINT_KEY].get("wandb_run_id")
         log.info(f"resuming from {ckpt_path} (step {checkpoint.get('global_step')}, wandb run {wandb_id})")
         del checkpoint
 
     loggers = _instantiate_all(cfg.get("logger"), "logger", wandb={"id": wandb_id})
     callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks")
+    _check_sampling_settings(cfg, model, callbacks)  # before fit: not at the first grid, hours in
     trainer = _make_trainer(cfg, callbacks, loggers)
     if trainer.is_global_zero:
         for logger in loggers:
@@ -204,7 +234,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result["output_dir"] = str(output_dir)
-    stopped = any(getattr(c, "stopped_by_signal", None) for c in callbacks)
+    stopped = next((c.stopped_by_signal for c in callbacks if getattr(c, "stopped_by_signal", None)), None)
+    if stopped:
+        result["stopped_by_signal"] = stopped
     if trainer.is_global_zero and not stopped and cfg.get("final_losses"):
         result.update(_final_losses(model, datamodule, **cfg.final_losses))
     if trainer.is_global_zero and not stopped and cfg.get("final_samples"):
@@ -218,6 +250,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"samples ({'one row per class' if model.label_dim else 'unconditional'}): {path}", flush=True)
         print(f"run folder: {output_dir}", flush=True)
     return result
+
+
+def _check_sampling_settings(cfg: DictConfig, model, callbacks: list) -> None:
+    """Dry-run every sampler the run will use and check the grid sizes and callbacks' own settings."""
+    from hydra.utils import instantiate
+
+    from edmlab.cli.validate import check_sampling
+
+    samplers, grids, checks = {}, {}, {}
+    if cfg.get("final_samples"):
+        samplers["sampler"] = instantiate(cfg.sampler)
+        grids["final_samples"] = OmegaConf.to_container(cfg.final_samples, resolve=True)
+    names = [k for k, v in (cfg.get("callbacks") or {}).items() if isinstance(v, DictConfig) and "_target_" in v]
+    for name, callback in zip(names, callbacks, strict=True):
+        if callable(getattr(callback, "sampler", None)):
+            samplers[f"callbacks.{name}.sampler"] = callback.sampler
+        if all(hasattr(callback, a) for a in ("per_class", "num_unconditional", "scale")):
+            grids[f"callbacks.{name}"] = {a: getattr(callback, a) for a in ("per_class", "num_unconditional", "scale")}
+        if callable(getattr(callback, "check_settings", None)):  # e.g. a metric callback's own settings
+            checks[f"callbacks.{name}"] = lambda c=callback: c.check_settings(model)
+    check_sampling(model.ema.module, model.data_shape, samplers, grids, checks)
 
 
 def _final_losses(model, datamodule, num_images: int = 1024, repeats: int = 4) -> dict[str, float]:
@@ -234,10 +287,32 @@ def _final_losses(model, datamodule, num_images: int = 1024, repeats: int = 4) -
             "final/loss": reference_loss(model.denoiser.eval(), images, labels, repeats=repeats)}
 
 
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; returns cfg.optimized_metric of the final metrics (what Hydra's sweepers minimise)."""
-    result = train(cfg)
+    from omegaconf.errors import InterpolationResolutionError
+
+    from edmlab.cli.runlock import RunDirInUse
+    from edmlab.cli.validate import ConfigError
+    from edmlab.training.module import TrainingDiverged
+    from edmlab.training.resume import IncompatibleCheckpoint
+
+    try:
+        result = train(cfg)
+    except (TrainingDiverged, ConfigError, IncompatibleCheckpoint, RunDirInUse, InterpolationResolutionError) as e:
+        log.error(str(e))
+        if _in_sweep():
+            raise  # a failed trial: the sweep goes on with the next one
+        raise SystemExit(f"error: {e}") from None  # exit 1 with one line, not a traceback
+    if result.get("stopped_by_signal") == "SIGINT":
+        raise SystemExit(130)  # interrupted (as a shell reports Ctrl-C), after saving
     metric = cfg.get("optimized_metric")
     if not metric:
         return None

@@ -1,23 +1,35 @@
 """A folder or zip of images with optional `dataset.json` labels (EDM `training/dataset.py` format).
 
-Images are all files with an image extension, sorted by their relative path ('/'-separated); each is
-decoded by PIL to uint8 CHW (grayscale gets a channel axis, palette images become RGB or RGBA). Labels
-come from `dataset.json` at the root: {"labels": [[relpath, label], ...]} with integer classes
-(label_dim = max + 1) or float vectors, or {"labels": null}; no file means unlabeled.
+Images are all files with an image extension, sorted by their relative path ('/'-separated), except
+macOS resource forks (`__MACOSX/`, `._*`); each is decoded by PIL to uint8 CHW (grayscale gets a
+channel axis, palette images become RGB or RGBA). Labels come from `dataset.json` at the root:
+{"labels": [[relpath, label], ...]} with integer classes (label_dim = max + 1) or float vectors, or
+{"labels": null}; no file means unlabeled.
+
+Every decoding error names the file. `full_check` decodes every image once before training (a progress
+bar; the result is cached beside the data, keyed by the files' sizes and times), so a truncated file
+fails at start-up, not hours in; `on_error="skip"` drops undecodable images with a warning and a count
+(it implies the full check); the default, "raise", refuses them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 
 from edmlab.data.images import ImageDataset, check_labels
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 LABELS_FILE = "dataset.json"
@@ -35,6 +47,11 @@ def _target_mode(img: PIL.Image.Image, name: str) -> str:
     if mode in ("RGB", "P", "CMYK", "YCbCr"):
         return "RGB"
     raise ValueError(f"{name}: unsupported image mode {mode!r}; expected 8-bit grayscale, RGB or RGBA")
+
+
+def _is_image(name: str) -> bool:
+    parts = name.split("/")
+    return name.lower().endswith(IMAGE_EXTENSIONS) and "__MACOSX" not in parts and not parts[-1].startswith("._")
 
 
 def _shape(img: PIL.Image.Image, name: str) -> tuple[int, int, int]:
@@ -82,7 +99,10 @@ class ImageFolderDataset(ImageDataset):
                  path: str | os.PathLike,   # folder or .zip
                  use_labels: bool = True,   # read dataset.json; False ignores it
                  verify: bool = True,       # read every image header at start to refuse mixed sizes/channels
-                 preload: bool = False) -> None:  # decode every image into memory once
+                 preload: bool = False,     # decode every image into memory once
+                 full_check: bool = False,  # decode every image once at start (cached beside the data)
+                 on_error: str = "raise",   # an undecodable image: "raise" (name it) or "skip" (count, warn)
+                 ) -> None:
         super().__init__()
         self.path = Path(path)
         self.name = str(self.path)
@@ -97,15 +117,20 @@ class ImageFolderDataset(ImageDataset):
             raise ValueError(f"{self.path}: neither a folder nor a zip file of images")
         else:
             raise FileNotFoundError(f"{self.path}: no such folder or zip file")
-        self.names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error={on_error!r}: use raise or skip")
+        self.names = sorted(n for n in names if _is_image(n))
         if not self.names:
             raise ValueError(f"{self.path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files)")
+        self.skipped: list[str] = []
+        if full_check or on_error == "skip":
+            self._full_check(on_error)
 
-        with self._open(self.names[0]) as f, PIL.Image.open(f) as img:
+        with self._header(self.names[0]) as img:
             self.image_shape = _shape(img, self._where(self.names[0]))
         if verify:
             for n in self.names[1:]:
-                with self._open(n) as f, PIL.Image.open(f) as img:
+                with self._header(n) as img:
                     shape = _shape(img, self._where(n))
                 if shape != self.image_shape:
                     raise ValueError(f"{self.path}: images disagree in size/channels: {self.names[0]!r} is "
@@ -122,6 +147,67 @@ class ImageFolderDataset(ImageDataset):
                 raise ValueError(f"{source}: not valid JSON ({e})") from None
             self.raw_labels = parse_labels(obj, self.names, source)
         self._images = np.stack([self._decode(i) for i in range(len(self))]) if preload else None
+
+    @contextmanager
+    def _header(self, name: str) -> Iterator[PIL.Image.Image]:
+        """The image opened lazily (header only); an unreadable file is named."""
+        with self._open(name) as f:
+            try:
+                img = PIL.Image.open(f)
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ValueError(f"{self._where(name)}: not a readable image ({e})") from None
+            with img:
+                yield img
+
+    def _fingerprint(self) -> str:
+        if self._is_zip:
+            st = self.path.stat()
+            return f"zip {st.st_size} {st.st_mtime_ns}"
+        digest = hashlib.sha256()
+        for n in self.names:
+            st = (self.path / n).stat()
+            digest.update(f"{n} {st.st_size} {st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+    def _cache_path(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.checked.json")
+
+    def _full_check(self, on_error: str) -> None:
+        """Decode every image (or read the cached result of an earlier check of the same files)."""
+        from rich.progress import track
+
+        key, cache = self._fingerprint(), self._cache_path()
+        try:
+            cached = json.loads(cache.read_text())
+            bad = dict(cached["bad"]) if cached.get("key") == key else None
+        except (OSError, ValueError, KeyError, TypeError):
+            bad = None
+        if bad is None:
+            bad = {}
+            for i in track(range(len(self.names)), description=f"checking {len(self.names)} images",
+                           transient=True):
+                try:
+                    self._decode_file(self.names[i])
+                except ValueError as e:
+                    bad[self.names[i]] = str(e)
+            try:
+                from edmlab.fileio import atomic_write
+
+                with atomic_write(cache, "w") as f:
+                    json.dump({"key": key, "bad": bad}, f)
+            except OSError:  # read-only data: check again next time
+                pass
+        if bad and on_error == "raise":
+            first = next(iter(bad.values()))
+            raise ValueError(f"{first} ({len(bad)} of {len(self.names)} images cannot be decoded; fix or remove "
+                             "them, or pass on_error=skip to train without them)")
+        if bad:
+            log.warning(f"{self.path}: skipping {len(bad)} of {len(self.names)} images that cannot be decoded, "
+                        f"e.g. {next(iter(bad.values()))}")
+            self.skipped = sorted(bad)
+            self.names = [n for n in self.names if n not in bad]
+            if not self.names:
+                raise ValueError(f"{self.path}: none of the images can be decoded")
 
     def _where(self, name: str) -> str:
         return f"{self.path}:{name}" if self._is_zip else str(self.path / name)
@@ -148,12 +234,18 @@ class ImageFolderDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.names)
 
+    def _decode_file(self, name: str) -> np.ndarray:
+        try:
+            with self._open(name) as f, PIL.Image.open(f) as img:
+                mode = _target_mode(img, self._where(name))
+                image = np.asarray(img.convert(mode) if img.mode != mode else img)
+        except (OSError, SyntaxError) as e:  # truncated or not an image: say which file
+            raise ValueError(f"{self._where(name)}: cannot decode the image ({e})") from None
+        return (image[:, :, None] if image.ndim == 2 else image).transpose(2, 0, 1)
+
     def _decode(self, index: int) -> np.ndarray:
         name = self.names[index]
-        with self._open(name) as f, PIL.Image.open(f) as img:
-            mode = _target_mode(img, self._where(name))
-            image = np.asarray(img.convert(mode) if img.mode != mode else img)
-        image = (image[:, :, None] if image.ndim == 2 else image).transpose(2, 0, 1)
+        image = self._decode_file(name)
         if image.shape != self.image_shape:
             raise ValueError(f"{self._where(name)}: image is {'x'.join(map(str, image.shape))} (CxHxW), expected "
                              f"{'x'.join(map(str, self.image_shape))} like {self.names[0]!r}")

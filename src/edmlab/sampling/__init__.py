@@ -10,6 +10,7 @@ a pure function: no scheduler state.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -40,6 +41,15 @@ GRID_OPTIONS = {  # options of the grids, by discretization (everything else goe
     "vp": ("epsilon_s",), "iddpm": ("M", "C_1", "C_2"), "ays": ("ays_model",),
     "optimized": ("pilots", "fine_steps", "search_seed", "fit", "steps_cache"),
 }
+
+
+def _refuse_unknown_keys(options: dict[str, Any]) -> None:
+    """A key no solver or grid takes (a typo such as num_step) is named with every valid key."""
+    known = {k for keys in GRID_OPTIONS.values() for k in keys} | {k for s in SOLVERS.values() for k in s.options}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        own = [k for k in inspect.signature(sample).parameters if k not in ("denoiser", "latents", "options")]
+        raise TypeError(f"unknown sampler key(s) {', '.join(unknown)}; valid keys: {', '.join(own + sorted(known))}")
 
 
 def _randn_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
@@ -95,6 +105,7 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
     if not torch.isfinite(latents).all():
         raise ValueError("latents contain NaN or Inf")
     _check_name("discretization", discretization, ALL_DISCRETIZATIONS)
+    _refuse_unknown_keys(options)
     grid_keys = GRID_OPTIONS.get(discretization, ())
     solver_opts = solver_options(solver, {k: v for k, v in options.items() if k not in grid_keys})
     grid = {k: v for k, v in options.items() if k in grid_keys}

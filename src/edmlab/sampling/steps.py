@@ -7,13 +7,13 @@ published Align-Your-Steps sets; grids fitted to a denoiser live in
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from edmlab import process as processes
-from edmlab.precond import iddpm_u
 from edmlab.process import VP, NoiseProcess
 
 __all__ = ["sigma_steps", "ays_steps", "DISCRETIZATIONS", "AYS_SIGMAS"]
@@ -31,6 +31,16 @@ def _default_range(discretization: str, process: NoiseProcess, epsilon_s: float)
     vp = VP()
     return {"edm": (0.002, 80.0), "vp": (vp.sigma(epsilon_s), vp.sigma(1.0)), "ve": (0.02, 100.0),
             "iddpm": (0.002, 81.0), "uniform_t": (process.sigma_min, process.sigma_max)}[discretization]
+
+
+@functools.lru_cache(maxsize=8)
+def _iddpm_table(M: int, C_1: float, C_2: float) -> torch.Tensor:
+    """The iDDPM table as NVlabs' generate.py builds it: alpha_bar of an int64 j in float32, u in float64."""
+    alpha_bar = lambda j: (0.5 * math.pi * j / M / (C_2 + 1)).sin() ** 2  # noqa: E731 - per 0-dim tensor, as theirs
+    u = torch.zeros(M + 1, dtype=torch.float64)
+    for j in torch.arange(M, 0, -1):
+        u[j - 1] = ((u[j] ** 2 + 1) / (alpha_bar(j - 1) / alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+    return u
 
 
 def sigma_steps(discretization: str, num_steps: int, *, sigma_min: float | None = None,
@@ -57,12 +67,13 @@ def sigma_steps(discretization: str, num_steps: int, *, sigma_min: float | None 
     elif discretization == "ve":  # geometric in sigma
         sigmas = sigma_max * (sigma_min / sigma_max) ** i
     elif discretization == "iddpm":  # iDDPM's table, evenly strided
-        u = iddpm_u(M, C_1, C_2)
+        u = _iddpm_table(M, C_1, C_2)
         u = u[(u >= sigma_min) & (u <= sigma_max)]
         if num_steps > len(u):
             raise ValueError(f"the iddpm discretization has {len(u)} table entries in [{sigma_min:g}, {sigma_max:g}];"
                              f" num_steps={num_steps} would repeat steps")
-        sigmas = u[((len(u) - 1) * i + 0.5).floor().long()]
+        step = torch.arange(num_steps, dtype=torch.float64)  # NVlabs' rounding: (L-1)/(N-1) x i, half to even
+        sigmas = u[((len(u) - 1) / max(num_steps - 1, 1) * step).round().long()]
     else:  # uniform in the process's own t
         t0, t1 = proc.sigma_inv(sigma_max), proc.sigma_inv(sigma_min)
         sigmas = proc.sigma(t0 + i * (t1 - t0))

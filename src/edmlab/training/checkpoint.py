@@ -1,10 +1,14 @@
-"""Checkpointing callback: last.ckpt every N kimg, at the end and on SIGTERM/SIGUSR1, never half-written.
+"""Checkpointing callback: last.ckpt every N kimg, at the end and on SIGTERM/SIGUSR1/SIGINT, never half-written.
 
-Each save writes a temporary file and renames it over `last.ckpt` (os.replace is
-atomic on POSIX), so a job killed at any moment leaves the previous checkpoint
-intact. Beside it goes the EMA denoiser as an edmlab inference checkpoint
-(`edmlab.interop.save_denoiser`). Signals only set a flag; the save happens at
-the next step boundary on every rank together (ranks agree by an all-reduce).
+Each save writes `last.ckpt` under a per-process temporary name, then the EMA
+denoiser (`last_ema.pt`, edmlab's inference format, recording its `global_step`)
+through `edmlab.fileio`, and renames `last.ckpt` into place last. So a job killed
+at any moment leaves a complete pair: `last.ckpt` never exists without an export
+from the same step or (killed between the two renames) the next one. At start-up
+`sync_export` drops stale temporary files and regenerates an export that is
+missing or from another step, so after it the pair always holds one step.
+Signals only set a flag; the save happens at the next step boundary on every
+rank together (ranks agree by an all-reduce).
 """
 
 from __future__ import annotations
@@ -21,19 +25,69 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from edmlab.fileio import remove_stale_tmp, tmp_name
 from edmlab.training.progress import crossed_kimg, tick_name
 from edmlab.training.resume import CKPT_NAME
 
-__all__ = ["Checkpoint", "EXPORT_NAME"]
+__all__ = ["Checkpoint", "EXPORT_NAME", "FAULT_ENV", "SAVE_POINTS", "sync_export", "saved_step"]
 
 log = logging.getLogger(__name__)
 
 EXPORT_NAME = "last_ema.pt"  # the EMA denoiser in edmlab's inference format, next to last.ckpt
+# "<point>@<n>": SIGKILL this process right after its n-th save reaches <point> (fault-injection tests)
+FAULT_ENV = "EDMLAB_FAULT_KILL_AFTER"
+SAVE_POINTS = ("ckpt_tmp", "export", "ckpt")  # last.ckpt written to its tmp name, export renamed, last.ckpt renamed
 
 
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _fault_point(point: str, save_count: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, nth = spec.partition("@")
+    if name == point and (not nth or int(nth) == save_count):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def saved_step(path: str | os.PathLike) -> int | None:
+    """The `global_step` recorded in a last.ckpt or an export (None: absent or unreadable)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: not a usable step
+        return None
+    step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
+    return int(step) if isinstance(step, int) else None
+
+
+def sync_export(dirpath: str | os.PathLike, create: bool = True) -> str:
+    """Drop stale temporary files in `dirpath`; make its last_ema.pt hold the step of its last.ckpt.
+
+    A missing export is written only with `create`; one from another step (or without a step) is rewritten
+    from last.ckpt's EMA weights. Returns "ok", "regenerated" or why nothing was done.
+    """
+    dirpath = Path(dirpath)
+    if not dirpath.is_dir():
+        return "no folder"
+    remove_stale_tmp(dirpath)
+    ckpt, export = dirpath / CKPT_NAME, dirpath / EXPORT_NAME
+    step = saved_step(ckpt) if ckpt.is_file() else None
+    if step is None:
+        return "no checkpoint"
+    if not export.exists() and not create:
+        return "no export"
+    found = saved_step(export) if export.is_file() else None
+    if found == step:
+        return "ok"
+    was = f"from step {found}" if export.is_file() else "missing"
+    from edmlab.generate import load_denoiser_any
+    from edmlab.interop import save_denoiser
+
+    config = (torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("edmlab") or {}).get("config")
+    save_denoiser(load_denoiser_any(ckpt, use_ema=True), export, config=config, global_step=step)
+    log.warning(f"{export} was {was}; regenerated from {ckpt} (step {step})")
+    return "regenerated"
 
 
 class Checkpoint(Callback):
@@ -44,8 +98,8 @@ class Checkpoint(Callback):
                  every_kimg: float | None = 50.0,                  # None: only at the end and on signals
                  snapshot_every_kimg: float | None = None,         # also keep network-snapshot-<kimg>.pt
                  export: bool = True,                              # write last_ema.pt beside last.ckpt
-                 save_on_signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
-                 stop_on_signals: Sequence[str] = ("SIGTERM",),    # save, then end training cleanly
+                 save_on_signals: Sequence[str] = ("SIGTERM", "SIGUSR1", "SIGINT"),
+                 stop_on_signals: Sequence[str] = ("SIGTERM", "SIGINT"),  # save, then end training cleanly
                  save_on_train_end: bool = True,
                  ) -> None:
         self.dirpath = Path(dirpath)
@@ -56,6 +110,7 @@ class Checkpoint(Callback):
         self.stop_on_signals = [self._signum(s) for s in stop_on_signals]
         self.save_on_train_end = save_on_train_end
         self.last_saved_step = -1
+        self._save_count = 0              # saves by this process (fault injection counts them)
         self.stopped_by_signal: str | None = None
         self._seen_step = -1
         self._received: set[int] = set()
@@ -82,11 +137,19 @@ class Checkpoint(Callback):
 
     # ---------------------------------------------------------------- signals
     def _handler(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and signum in self._received:
+            raise KeyboardInterrupt  # Ctrl-C twice: do not wait for the save
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: saving at the end of this step, then stopping (Ctrl-C again: stop now, no save)")
         self._received.add(signum)  # only a flag: saving needs every rank at a step boundary
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            sync_export(self.dirpath, create=self.export)  # a kill between the two renames left the export ahead
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # registered after Lightning's own handlers, which it restores at teardown
-        self._seen_step = trainer.global_step
+        self._seen_step = self._healthy_since = trainer.global_step
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in set(self.save_on_signals) | set(self.stop_on_signals):
@@ -105,34 +168,58 @@ class Checkpoint(Callback):
         return {s for s, f in zip(watched, flags.tolist(), strict=True) if f > 0}
 
     # ---------------------------------------------------------------- saving
+    def _diverged_since_last_save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+        """Why the weights must not replace the last checkpoint: every step since it skipped, or non-finite."""
+        steps = trainer.global_step - getattr(self, "_healthy_since", trainer.global_step)
+        skipped = int(getattr(pl_module, "consecutive_skipped_steps", 0))
+        if steps > 0 and skipped >= steps:
+            return f"the last {skipped} step(s) all had non-finite gradients"
+        params = [p.detach() for p in pl_module.parameters() if p.is_floating_point()]
+        if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
+            return "the weights are not finite"
+        return None
+
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Collective: every rank calls it; rank 0 writes and renames."""
+        """Collective: every rank calls it; rank 0 writes the export, then renames last.ckpt into place."""
+        reason = self._diverged_since_last_save(trainer, pl_module)  # the same on every rank (all-reduced grads)
+        if reason is not None:
+            log.error(f"step {trainer.global_step}: not saving, {reason}; {self.ckpt_path} keeps the weights of "
+                      f"step {self.last_saved_step}")
+            return
+        self._healthy_since = trainer.global_step
         self.last_saved_step = trainer.global_step
+        self._save_count += 1
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        tmp = self.dirpath / f".{CKPT_NAME}.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # ends with a barrier
-        if trainer.is_global_zero:
-            _fsync(tmp)
-            os.replace(tmp, self.ckpt_path)
-            if self.export:
-                self._export(pl_module, self.dirpath / EXPORT_NAME)
-            # post-hoc EMA profiles go with every checkpoint too, so the end of training can be reconstructed
-            self._phema_snapshot(trainer, pl_module, self.snapshot_every_kimg or self.every_kimg)
-            kimg = trainer.global_step * pl_module.batch_size / 1000
-            log.info(f"saved {self.ckpt_path} at {kimg:.1f} kimg")
+        tmp = tmp_name(self.ckpt_path)
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # ends with a barrier
+            if trainer.is_global_zero:
+                _fsync(tmp)
+                _fault_point("ckpt_tmp", self._save_count)
+                if self.export:
+                    self._export(pl_module, self.dirpath / EXPORT_NAME, trainer.global_step)
+                    _fault_point("export", self._save_count)
+                # post-hoc EMA profiles go with every checkpoint too, so the end of training can be reconstructed
+                self._phema_snapshot(trainer, pl_module, self.snapshot_every_kimg or self.every_kimg)
+                os.replace(tmp, self.ckpt_path)
+                _fault_point("ckpt", self._save_count)
+                kimg = trainer.global_step * pl_module.batch_size / 1000
+                log.info(f"saved {self.ckpt_path} at {kimg:.1f} kimg")
+        finally:
+            tmp.unlink(missing_ok=True)
         trainer.strategy.barrier("edmlab.checkpoint")
 
     @staticmethod
-    def _export(pl_module: L.LightningModule, path: Path) -> None:
+    def _export(pl_module: L.LightningModule, path: Path, global_step: int) -> None:
         from edmlab.interop import save_denoiser
 
-        save_denoiser(pl_module.ema.module, path, config=pl_module.run_config)
+        save_denoiser(pl_module.ema.module, path, config=pl_module.run_config, global_step=global_step)
 
     def _snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         step, batch, every = trainer.global_step, pl_module.batch_size, self.snapshot_every_kimg
-        self._export(pl_module, self.dirpath / tick_name("network-snapshot", step, batch, every, ".pt"))
+        self._export(pl_module, self.dirpath / tick_name("network-snapshot", step, batch, every, ".pt"), step)
         self._phema_snapshot(trainer, pl_module, every)
 
     def _phema_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule, every: float | None) -> None:

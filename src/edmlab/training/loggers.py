@@ -1,14 +1,20 @@
-"""Weights & Biases that never hangs: online only with an API key and a reachable server, else offline."""
+"""Loggers: Weights & Biases that never hangs (online only with an API key and a reachable server, else
+offline), and a CSV logger whose metrics.csv survives a resume in the same folder."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
 import socket
 from urllib.parse import urlparse
 
-__all__ = ["wandb_mode", "wandb_logger"]
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+__all__ = ["wandb_mode", "wandb_logger", "CSVLogger"]
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +61,48 @@ def wandb_logger(save_dir: str, project: str = "edmlab", name: str | None = None
     mode = wandb_mode(mode)
     os.makedirs(save_dir, exist_ok=True)
     return WandbLogger(save_dir=save_dir, project=project, name=name, id=id, mode=mode, **kwargs)
+
+
+def _step(row: dict) -> float:
+    try:
+        return float(row.get("step") or "nan")
+    except ValueError:
+        return float("nan")
+
+
+class _HistoryKeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; this one keeps it and continues it.
+
+    At the first save, rows from the first step now logged on are dropped: a resumed run repeats the steps
+    after its checkpoint, and its rows replace those the interrupted run logged for them.
+    """
+
+    def _check_log_dir_exists(self) -> None:
+        self._continue = self._fs.isfile(self.metrics_file_path)
+        if self._continue:
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+
+    def save(self) -> None:
+        if self._continue and self.metrics:
+            self._continue = False
+            first = min(float(m["step"]) for m in self.metrics)
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                rows = [r for r in csv.DictReader(f) if not _step(r) >= first]
+            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(rows)
+        super().save()
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSVLogger, except that a resumed run keeps and extends the folder's metrics.csv."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _HistoryKeepingWriter(log_dir=self.log_dir)
+        return self._experiment

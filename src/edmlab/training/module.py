@@ -25,13 +25,17 @@ from edmlab import loss as losses
 from edmlab.training import rng
 from edmlab.training.ema import EMA, PowerFunctionEMA
 
-__all__ = ["EDMModule", "LearningRate", "reference_loss", "CHECKPOINT_KEY", "EMA_PREFIX"]
+__all__ = ["EDMModule", "LearningRate", "reference_loss", "CHECKPOINT_KEY", "EMA_PREFIX", "TrainingDiverged"]
 
 # The EMA copies are in eval mode on purpose (no dropout when sampling from them).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 CHECKPOINT_KEY = "edmlab"          # checkpoint[CHECKPOINT_KEY]: rebuilds the EMA denoiser without Lightning
 EMA_PREFIX = "ema.module."          # prefix of the EMA denoiser's weights in checkpoint["state_dict"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive optimizer steps had non-finite gradients: the run stopped without saving them."""
 
 
 class LearningRate:
@@ -86,6 +90,7 @@ class EDMModule(L.LightningModule):
                  augment_pipe: Callable | None = None,                # images -> (images, augment_labels)
                  sigma_buckets: Sequence[float] = (0.05, 0.2, 0.8, 3.0),  # edges for loss-by-sigma logs
                  seed: int = 0,                                       # base of the per-rank training RNG
+                 max_nonfinite_steps: int | None = 100,               # stop after this many skipped in a row
                  run_config: dict | None = None,                      # resolved config, stored in checkpoints
                  channels_last: bool = False,                         # NHWC weights and images (GPU convs)
                  torch_compile: bool | dict = False,                  # torch.compile the network (kwargs)
@@ -106,6 +111,8 @@ class EDMModule(L.LightningModule):
         self.run_config = run_config
         self.skipped_steps = 0            # optimizer steps skipped for non-finite gradients
         self.nonfinite_losses = 0         # micro-batches whose loss was not finite
+        self.consecutive_skipped_steps = 0
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.wandb_run_id: str | None = None
         self._rng_stream: dict | None = None
         self._skip_step = False
@@ -131,6 +138,10 @@ class EDMModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.optimizer_factory(params=self.denoiser.parameters())
+        # what this run's config says: a resume restores the checkpoint's values, _apply_configured_optimizer
+        # puts these back (a changed optim.lr or LR schedule on resume is applied, not dropped)
+        self._configured_groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        self._configured_schedule = dict(vars(self.learning_rate))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.learning_rate)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
@@ -193,9 +204,15 @@ class EDMModule(L.LightningModule):
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True)
         self._skip_step = False
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.consecutive_skipped_steps = self.consecutive_skipped_steps + 1 if self._skip_step else 0
         if self._skip_step:
             warnings.warn(f"step {self.trainer.global_step}: non-finite gradients, step skipped "
                           f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=1)
+            if self.max_nonfinite_steps and self.consecutive_skipped_steps >= self.max_nonfinite_steps:
+                raise TrainingDiverged(
+                    f"training diverged: {self.consecutive_skipped_steps} consecutive steps had non-finite "
+                    f"gradients (model.max_nonfinite_steps={self.max_nonfinite_steps}); the last checkpoint keeps "
+                    "the weights from before. Lower optim.lr (or raise model.lr_rampup_kimg) and resume or restart")
         else:
             beta = self.ema.update(self.denoiser, nimg, self.batch_size)
             self.log("ema/halflife_kimg", self.ema.halflife_nimg(nimg) / 1000, on_step=True)
@@ -219,7 +236,23 @@ class EDMModule(L.LightningModule):
         self._reset_buckets()
 
     # ------------------------------------------------------------------ RNG stream
+    def _apply_configured_optimizer(self) -> None:
+        configured = getattr(self, "_configured_groups", None)
+        configs = getattr(self.trainer, "lr_scheduler_configs", None)
+        if not configured or not configs or not self.trainer.optimizers:
+            return
+        schedule_changed = vars(self.learning_rate) != self._configured_schedule  # LambdaLR restored the ckpt's
+        vars(self.learning_rate).update(self._configured_schedule)
+        opt, sched = self.trainer.optimizers[0], configs[0].scheduler
+        for i, (group, conf) in enumerate(zip(opt.param_groups, configured, strict=True)):
+            changed = {k: v for k, v in conf.items() if k not in ("lr", "initial_lr") and group.get(k) != v}
+            group.update(changed)
+            if sched.base_lrs[i] != conf["lr"] or changed or schedule_changed:
+                sched.base_lrs[i] = group["initial_lr"] = conf["lr"]
+                group["lr"] = conf["lr"] * self.learning_rate(sched.last_epoch)
+
     def on_train_start(self) -> None:
+        self._apply_configured_optimizer()
         if self._rng_stream is None:  # fresh run: a stream per rank (EDM seeds each rank differently)
             rng.seed_all(rng.derive_seed(self.seed, self.global_rank))
             self._rng_stream = rng.get_state()
@@ -259,6 +292,10 @@ class EDMModule(L.LightningModule):
         meta["rng"] = streams
         meta["counters"] = {"skipped_steps": self.skipped_steps, "nonfinite_losses": self.nonfinite_losses}
         meta["wandb_run_id"] = self.wandb_run_id
+        if "state_dict" in checkpoint:  # verified on resume and when sampling from it
+            from edmlab.interop import content_hash
+
+            meta["sha256"] = content_hash(checkpoint["state_dict"])
         checkpoint[CHECKPOINT_KEY] = meta
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = ["resolve_ckpt_path", "read_metadata", "check_compatible", "IncompatibleCheckpoint", "CKPT_NAME",
-           "load_ema_denoiser"]
+           "load_ema_denoiser", "config_changes", "BREAKING_KEYS", "load_training_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +59,44 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, runs_dir: str | os.Pa
     return path
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """checkpoint["edmlab"] without loading the tensors into memory (memory-mapped)."""
+def load_training_checkpoint(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
+    """A last.ckpt of `python train.py`, memory-mapped; else IncompatibleCheckpoint saying what the file is.
+
+    `verify` checks the weights against the content hash stored at save time (reads every tensor)."""
+    from edmlab.interop import FORMAT, CheckpointFormatError, verify_hash
+
+    path = Path(path)
+    resume = "resume from a checkpoints/last.ckpt (or a run folder) of `python train.py`"
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"
+        what = ("a pickle: an official EDM network-snapshot-*.pkl is for sampling (sample.py ckpt=...), not for "
+                "resuming" if pickled else "neither a torch.save archive nor a pickle")
+        raise IncompatibleCheckpoint(f"ckpt_path={path} is not a training checkpoint: it is {what}; {resume}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    meta = ckpt.get("edmlab") if isinstance(ckpt, dict) else None
-    if meta is None:
-        raise ValueError(f"{path}: no 'edmlab' entry; resume only from a last.ckpt written by "
-                         "`python train.py`")
-    return meta
+    except Exception as e:  # noqa: BLE001 - torch's advice (weights_only=False) would run code from the file
+        raise IncompatibleCheckpoint(f"ckpt_path={path} is not a readable training checkpoint ({type(e).__name__}: "
+                                     "it holds more than tensors and plain containers, or is damaged); edmlab "
+                                     f"never unpickles code; {resume}") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        raise IncompatibleCheckpoint(f"ckpt_path={path} is an inference export (EMA weights only: no optimizer, "
+                                     f"data or RNG state); {resume}, e.g. the last.ckpt beside it")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("edmlab"), dict):
+        raise IncompatibleCheckpoint(f"ckpt_path={path} has no 'edmlab' entry: not written by edmlab's training; "
+                                     f"{resume}")
+    if verify:
+        try:
+            verify_hash(ckpt.get("state_dict", {}), ckpt["edmlab"].get("sha256"), str(path))
+        except CheckpointFormatError as e:
+            raise IncompatibleCheckpoint(f"cannot resume: {e}".replace("verify=False (sample.py verify_hash=false)",
+                                                                      "verify_checkpoint=false")) from None
+    return ckpt
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """checkpoint["edmlab"] without loading the tensors into memory (memory-mapped)."""
+    return load_training_checkpoint(path)["edmlab"]
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -106,6 +134,39 @@ def check_compatible(checkpoint: dict[str, Any], module: torch.nn.Module) -> Non
             + "\n  ".join(problems)
             + "\nResume with the same network/precond config as the original run (see its "
               ".hydra/config.yaml), or drop ckpt_path to start a fresh run.")
+
+
+# Changing these mid-run makes a different run: refused on resume. Everything else (optim.*, durations, intervals,
+# EMA and LR schedule settings) is applied and logged; IGNORED_KEYS say where the run happens, not what it is.
+BREAKING_KEYS = ("network", "precond", "data.batch_size", "model.batch_size", "model.augment_pipe",
+                 "model.phema_sigma_rels", "model.data_shape")
+IGNORED_KEYS = ("paths", "hydra", "ckpt_path", "logger", "extras", "tags", "task_name", "model.optimizer",
+                "callbacks.sample_grid.sampler", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
+                "trainer.strategy", "trainer.plugins", "data.num_workers", "data.root", "data.path")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith((f"{p}.", f"{p}[")) for p in prefixes)
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(breaking, applied): "key: checkpoint X vs this run Y" for each setting that differs."""
+    old, new, missing = _flatten(stored), _flatten(current), object()
+    breaking, applied = [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a == b or _under(key, IGNORED_KEYS):
+            continue
+        text = f"{key}: checkpoint {'<absent>' if a is missing else repr(a)} vs this run " \
+               f"{'<absent>' if b is missing else repr(b)}"
+        (breaking if _under(key, BREAKING_KEYS) else applied).append(text)
+    return breaking, applied
 
 
 def load_ema_denoiser(path: str | os.PathLike, map_location: Any = "cpu") -> torch.nn.Module:
