@@ -192,7 +192,7 @@ def test_sample_cli_guidance(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from edmlab.cli.sample import CONFIG_DIR, run
-    from edmlab.generate import generate_batch, load_denoiser_any, to_uint8_nhwc
+    from edmlab.generate import generate_batch, load_denoiser_any, npz_name, to_uint8_nhwc
 
     ckpt, weak = tiny_checkpoint(tmp_path / "a.pt", 0), tiny_checkpoint(tmp_path / "b.pt", 1)
     common = [f"ckpt={ckpt}", "seeds=0-2", "num_steps=4", "format=npz", "progress=false", "device=cpu"]
@@ -206,7 +206,7 @@ def test_sample_cli_guidance(tmp_path):
         out = tmp_path / f"out{len(extra)}"
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             run(compose("sample", overrides=[*common, *extra, f"outdir={out}"]))
-        with np.load(out / "samples.npz") as f:
+        with np.load(out / npz_name([0, 1, 2])) as f:
             images = f["images"]
         np.testing.assert_array_equal(images, to_uint8_nhwc(generate_batch(wrapped, [0, 1, 2], heun)[0]))
         if not extra:
