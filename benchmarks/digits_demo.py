@@ -1,4 +1,4 @@
-"""The embedded demo, measured (issue 4, item 5): `python train.py`, then 1000 class-conditional samples
+"""The embedded demo, measured: `python train.py`, then 1000 class-conditional samples
 judged by an SVC trained on real digits, and the Frechet distance of Gaussian fits in pixel space next to
 the same distance between two halves of the real data.
 

@@ -1,7 +1,7 @@
 """One model, four processes: a 2-D Gaussian mixture sampled with its ideal denoiser under FM, VP, VE and EDM.
 
 The same latents go through Heun's method in each process's own time variable;
-the end points agree because the process only re-parametrises time (DESIGN.md 1).
+the end points agree because the process only re-parametrises time.
 Writes one PNG: the end points per process, plus the sigma grids each process
 steps through.
 

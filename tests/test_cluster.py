@@ -1,4 +1,4 @@
-"""Clusters (issue 6): sweeps through the submitit/Optuna plugins, the Slurm submission, preemption, Docker."""
+"""Clusters: sweeps through the submitit/Optuna plugins, the Slurm submission, preemption, Docker."""
 
 from __future__ import annotations
 

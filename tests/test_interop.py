@@ -205,7 +205,7 @@ def table1(kind: str, sigma: torch.Tensor):
         return 1, -s, 1 / (s**2 + 1).sqrt(), 999 * t
     if kind == "ve":
         return 1, s, 1, (sigma / 2).log()
-    if kind == "iddpm":  # sigma = 0.5, 1 and 80 snap to u_710, u_504, u_8 (EDM-FACTS: c_noise 289, 495, 991)
+    if kind == "iddpm":  # sigma = 0.5, 1 and 80 snap to u_710, u_504, u_8 (EDM's code: c_noise 289, 495, 991)
         return 1, -s, 1 / (s**2 + 1).sqrt(), torch.tensor([289.0, 495.0, 991.0])
     raise AssertionError(kind)
 

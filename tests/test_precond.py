@@ -33,7 +33,7 @@ def test_table1_float64(kind, sigma):
 
 
 def test_reference_float32_values():
-    """EDM-FACTS' values measured from the reference code (float32)."""
+    """Values measured from the reference code (float32)."""
     ref = {0.002: (0.99998403, 0.001999984, 1.999984, -1.553652), 0.5: (0.5, 0.35355338, 1.4142135, -0.1732868),
            1.0: (0.2, 0.44721359, 0.89442718, 0.0), 80.0: (3.906e-5, 0.49999022, 0.012499755, 1.0955067)}
     for sigma, values in ref.items():
@@ -53,7 +53,7 @@ def test_iddpm_table():
     assert u[999].item() == pytest.approx(0.0064254, abs=1e-7)
     assert u[1000].item() == 0
     assert C.iddpm_u(dtype=torch.float32)[999].item() == pytest.approx(0.0064223, abs=2e-6)  # EDM's float32 table
-    # c_noise = M - 1 - argmin_j |u_j - sigma| (EDM-FACTS reference values)
+    # c_noise = M - 1 - argmin_j |u_j - sigma| (values of EDM's code)
     assert [float(C.coefficients("iddpm", s)[3]) for s in SIGMAS] == [-1, 289, 495, 991]
     p = C.get("iddpm")
     assert (p.sigma_min, p.sigma_max) == (u[999].item(), u[0].item())

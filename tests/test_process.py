@@ -19,7 +19,7 @@ def beta(t):
     return 0.1 + 19.9 * t
 
 
-SDE = {  # DESIGN.md's table: (f, g) of each built-in process
+SDE = {  # (f, g) of each built-in process
     "vp": (lambda t: -beta(t) / 2, lambda t: beta(t).sqrt()),
     "ve": (lambda t: 0 * t, lambda t: 1 + 0 * t),
     "edm": (lambda t: 0 * t, lambda t: (2 * t).sqrt()),
@@ -59,7 +59,7 @@ def test_floats_and_float32(name):
 
 def test_builtin_constants():
     vp = P.get("vp")
-    assert vp.sigma(1.0) == pytest.approx(152.167, rel=1e-5)  # EDM-FACTS: sigma(1) = 152.167
+    assert vp.sigma(1.0) == pytest.approx(152.167, rel=1e-5)  # EDM's VP sigma_max: sigma(1) = 152.167
     assert vp.sigma(1e-3) == pytest.approx(0.010486, rel=1e-4)
     assert vp.sigma(1e-5) == pytest.approx(0.0010005, rel=1e-4)
     # DDPM's alpha_bar = s^2 = 1 / (1 + sigma^2)

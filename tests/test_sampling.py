@@ -40,7 +40,7 @@ ORDER = {"euler": (0.85, 1.3), "heun": (1.8, 2.6)}
 def test_order_of_convergence(solver, process, discretization):
     lo, hi = ORDER[solver]
     # EDM's range, except uniform t of the t-linear processes, which needs a narrow range to be asymptotic
-    # (h << sigma_min); VP's refitted grid degenerates on narrow ranges (EDM-FACTS 9.8), so not the reverse.
+    # (h << sigma_min); VP's refitted grid degenerates on narrow ranges (EDM's VP grid refit), so not the reverse.
     narrow = discretization == "uniform_t" and process in ("edm", "ve")
     assert lo < convergence_slope(solver, process, discretization, *((0.2, 5.0) if narrow else (0.002, 80.0))) < hi
 
@@ -55,7 +55,7 @@ def test_heun_nfe():
 
 
 def test_edm_anchors():
-    """EDM-FACTS 9.10: on the 0.5-std Gaussian, 18 Heun steps overshoot by 5.5% (EDM), VP within 0.8%, VE 41%."""
+    """EDM's code: on the 0.5-std Gaussian, 18 Heun steps overshoot by 5.5% (EDM), VP within 0.8%, VE 41%."""
     data = analytic.Gaussian(C, 1)
     one = torch.ones(1, 1, dtype=torch.float64)
 
@@ -69,7 +69,7 @@ def test_edm_anchors():
 
 
 def test_edm_sigma_steps():
-    """EDM-FACTS: the 18 EDM sigmas."""
+    """The 18 sigmas of EDM's edm_sampler (rho 7, 0.002..80)."""
     want = [80, 57.5860, 40.7856, 28.3746, 19.3525, 12.9101, 8.40094, 5.31519, 3.25682, 1.92334, 1.08817,
             0.585348, 0.296442, 0.139516, 0.0599473, 0.0229345, 0.00752802, 0.002, 0]
     assert sigma_steps("edm", 18).tolist() == pytest.approx(want, rel=1e-5)
@@ -122,7 +122,7 @@ def test_mixture_recovered(solver, num_steps, options):
 def test_one_model_four_processes():
     """The process changes the time variable, not the ODE: the same end points (RMS per coordinate).
 
-    VE steps in t = sigma^2, whose larger truncation error (EDM-FACTS 9.10: 41% at 18 steps) needs 256
+    VE steps in t = sigma^2, whose larger truncation error (41% at 18 steps in EDM's code) needs 256
     Heun steps for 1e-3; at 128 it is within 2e-3 while VP, EDM and FM agree to 3e-4.
     """
     gm = mixture()
@@ -154,7 +154,7 @@ def test_per_item_generators_make_batches_irrelevant():
 
 
 def test_stochastic_draws_noise_every_step():
-    """EDM's edm_sampler calls randn on every step, even with S_churn = 0 (EDM-FACTS 9.6)."""
+    """EDM's edm_sampler calls randn on every step, even with S_churn = 0 (EDM's generate.py)."""
     gm, latents = mixture(dim=2, k=2), torch.zeros(1, 2, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     sample(gm, latents, solver="edm_stochastic", num_steps=5, generator=g)
@@ -205,7 +205,7 @@ def test_mixture_score_and_log_prob():
 
 
 def test_math_modules_import_torch_only():
-    """DESIGN.md 2: the math modules are usable without Lightning or Hydra."""
+    """The math modules are usable without Lightning or Hydra."""
     import subprocess
     import sys
 

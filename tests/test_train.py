@@ -1,4 +1,4 @@
-"""Training (issue 4): every experiment x process runs; EMA, LR, NaN-guard numbers; config/resume errors."""
+"""Training: every experiment x process runs; EMA, LR, NaN-guard numbers; config/resume errors."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_iddpm_precond_network_predicts_a_variance_too(tmp_path):
 def test_cifar_edm_recipe_is_edms(tmp_path):
     cfg = compose_cfg(tmp_path, ["experiment=cifar_edm"])
     assert cfg.data.batch_size == 512 and cfg.duration_kimg == 200_000
-    assert cfg.trainer.max_steps == 390_625  # 200 Mimg / 512, EDM-FACTS 4
+    assert cfg.trainer.max_steps == 390_625  # 200 Mimg / 512, EDM's CIFAR-10 recipe
     assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.eps) == (1e-3, [0.9, 0.999], 1e-8)
     model = cfg.model
     assert (model.lr_rampup_kimg, model.ema_halflife_kimg, model.ema_rampup_ratio) == (10000, 500, 0.05)
@@ -184,7 +184,7 @@ def test_edm_ema_half_life_and_ramp():
     net = torch.nn.Linear(3, 3)
     ema = EMA(net, halflife_kimg=500, rampup_ratio=0.05)
     assert ema.beta(0, 512) == 0.0  # the first update copies the network
-    assert ema.beta(20_000_000, 512) == pytest.approx(0.99929, abs=5e-6)  # 0.5^(512 / 500k), EDM-FACTS 4
+    assert ema.beta(20_000_000, 512) == pytest.approx(0.99929, abs=5e-6)  # 0.5^(512 / 500k), EDM's half-life
     assert ema.halflife_nimg(1_000_000) == 50_000  # ramp: 0.05 x images seen
     with torch.no_grad():
         before = [p.clone() for p in ema.module.parameters()]

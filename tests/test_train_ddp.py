@@ -1,4 +1,4 @@
-"""DDP (issue 4, item 2): 2 CPU processes (gloo) train 3 steps into ONE run folder with ONE checkpoint."""
+"""DDP: 2 CPU processes (gloo) train 3 steps into ONE run folder with ONE checkpoint."""
 
 from __future__ import annotations
 

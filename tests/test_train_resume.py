@@ -1,4 +1,4 @@
-"""Kill and resume (issue 4, item 3): SIGKILL after the first checkpoint, ckpt_path=last, the same losses."""
+"""Kill and resume : SIGKILL after the first checkpoint, ckpt_path=last, the same losses."""
 
 from __future__ import annotations
 

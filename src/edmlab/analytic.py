@@ -1,7 +1,7 @@
 """Ideal denoisers in closed form, and a reference ODE solve.
 
 For data p_0 = sum_k w_k N(mu_k, Sigma_k), the noised law at sigma is
-sum_k w_k N(mu_k, Sigma_k + sigma^2 I) and the ideal denoiser (DESIGN.md 1) is
+sum_k w_k N(mu_k, Sigma_k + sigma^2 I) and the ideal denoiser (the posterior mean E[x_0 | x]) is
 
     D(x; sigma) = sum_k r_k(x) [mu_k + Sigma_k (Sigma_k + sigma^2 I)^-1 (x - mu_k)].
 
@@ -75,7 +75,7 @@ class GaussianMixture:
         return log_p.logsumexp(-1)
 
     def denoiser(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        """The ideal D(x; sigma) = E[x_0 | x] (DESIGN.md 1)."""
+        """The ideal D(x; sigma) = E[x_0 | x], posterior-weighted component means."""
         log_p, mean = self._posterior(x.flatten(1), sigma)
         D = torch.einsum("nk,nkd->nd", log_p.softmax(-1), mean)
         return D.reshape(x.shape).to(x.dtype)

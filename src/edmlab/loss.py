@@ -1,4 +1,4 @@
-"""Training losses: E_{y, sigma, n} lambda(sigma) ||D(y + n; sigma) - y||^2 (EDM eq. 8, seed 1.3).
+"""Training losses: E_{y, sigma, n} lambda(sigma) ||D(y + n; sigma) - y||^2 (EDM eq. 8).
 
 A recipe is the training distribution of sigma plus the weight lambda(sigma).
 Draw order follows EDM's `training/loss.py` (sigma, augmentation, noise) so

@@ -1,6 +1,6 @@
 """Preconditioning: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM eq. 7, Table 1).
 
-Each class is one row of Table 1 (plus the flow-matching row of DESIGN.md);
+Each class is one row of Table 1 (plus a flow-matching row, rectified flow's velocity target);
 `Denoiser` wraps any network F with any row.
 """
 
@@ -133,7 +133,7 @@ class IDDPMPrecond(Precond):
 
 
 class FMPrecond(Precond):
-    """Flow matching (DESIGN.md): F(x_t, t) predicts the velocity eps - x_0, with t = sigma/(1+sigma)."""
+    """Flow matching (Lipman et al. 2023): F(x_t, t) predicts the velocity eps - x_0, with t = sigma/(1+sigma)."""
 
     name = "fm"
 

@@ -1,7 +1,7 @@
 """Noise processes: the marginal p(x_t | x_0) = N(s(t) x_0, s(t)^2 sigma(t)^2 I).
 
 A process is the pair (s, sigma); the SDE dx = f x dt + g dw with the same
-marginals follows from it (DESIGN.md 1, seed 1.1):
+marginals follows from it (Karras et al. 2022, Sec. 2 and App. B.2):
 
     f = s'/s,    g = s sqrt(2 sigma sigma'),
     s(t) = exp(int_0^t f),    sigma(t)^2 = int_0^t g^2 / s^2.
@@ -111,12 +111,12 @@ class NoiseProcess:
 
     @_scalar_io
     def f(self, t: Scalar) -> Scalar:
-        """Drift coefficient f(t) = s'(t)/s(t) (seed 1.1)."""
+        """Drift coefficient f(t) = s'(t)/s(t) : the mean s(t) x_0 decays by it."""
         return self._s_deriv(t) / self._s(t)
 
     @_scalar_io
     def g(self, t: Scalar) -> Scalar:
-        """Diffusion coefficient g(t) = s(t) sqrt(2 sigma(t) sigma'(t)) (seed 1.1)."""
+        """Diffusion coefficient g(t) = s(t) sqrt(2 sigma(t) sigma'(t)) : the variance s^2 sigma^2 grows by it."""
         return self._s(t) * torch.sqrt(2 * self._sigma(t) * self._sigma_deriv(t))
 
     @property
@@ -312,7 +312,7 @@ class _SDE(NoiseProcess):
 
 def from_sde(f: TensorFn, g: TensorFn, *, t_min: float, t_max: float, nodes: int = 96,
              name: str = "custom") -> NoiseProcess:
-    """A process from dx = f(t) x dt + g(t) dw started at t = 0 (seed 1.1): s = e^{int f}, sigma^2 = int g^2/s^2."""
+    """A process from dx = f(t) x dt + g(t) dw started at t = 0: s = e^{int f}, sigma^2 = int g^2/s^2."""
     return _SDE(f, g, t_min, t_max, nodes, name)
 
 
@@ -321,7 +321,7 @@ NAMES = tuple(_BUILTIN)
 
 
 def get(name: str | NoiseProcess, **params) -> NoiseProcess:
-    """A built-in process by name ("vp", "ve", "edm", "fm") with DESIGN.md's constants as defaults."""
+    """A built-in process by name ("vp", "ve", "edm", "fm") with EDM's constants as defaults."""
     if isinstance(name, NoiseProcess):
         return name
     if name not in _BUILTIN:
