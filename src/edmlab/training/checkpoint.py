@@ -23,10 +23,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from edmlab.fileio import remove_stale_tmp, tmp_name
-from edmlab.training.progress import crossed_kimg, tick_name
+from edmlab.training.progress import StepCallback, tick_name
 from edmlab.training.resume import CKPT_NAME
 
 __all__ = ["Checkpoint", "EXPORT_NAME", "FAULT_ENV", "SAVE_POINTS", "sync_export", "saved_step"]
@@ -90,7 +89,7 @@ def sync_export(dirpath: str | os.PathLike, create: bool = True) -> str:
     return "regenerated"
 
 
-class Checkpoint(Callback):
+class Checkpoint(StepCallback):
     """Writes `dirpath/last.ckpt` (+ `last_ema.pt`) every `every_kimg`, at the end and on signals."""
 
     def __init__(self,
@@ -112,7 +111,6 @@ class Checkpoint(Callback):
         self.last_saved_step = -1
         self._save_count = 0              # saves by this process (fault injection counts them)
         self.stopped_by_signal: str | None = None
-        self._seen_step = -1
         self._received: set[int] = set()
         self._previous_handlers: dict[int, Any] = {}
 
@@ -149,7 +147,8 @@ class Checkpoint(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # registered after Lightning's own handlers, which it restores at teardown
-        self._seen_step = self._healthy_since = trainer.global_step
+        super().on_train_start(trainer, pl_module)
+        self._healthy_since = trainer.global_step
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in set(self.save_on_signals) | set(self.stop_on_signals):
@@ -232,16 +231,11 @@ class Checkpoint(Callback):
         save_snapshot(self.dirpath / tick_name("phema", step, batch, every, ".pt"), pl_module.phema, step * batch,
                       pl_module.denoiser, config=pl_module.run_config)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._seen_step:  # inside a gradient-accumulation cycle: not a step boundary
-            return
-        before, self._seen_step = self._seen_step, step
+    def on_step(self, trainer: L.Trainer, pl_module: L.LightningModule, before: int, step: int) -> None:
         received = self._agreed_signals(trainer)
-        if crossed_kimg(before, step, pl_module.batch_size, self.snapshot_every_kimg):
+        if self.crossed(before, step, pl_module, self.snapshot_every_kimg):
             self._snapshot(trainer, pl_module)
-        if received or crossed_kimg(before, step, pl_module.batch_size, self.every_kimg):
+        if received or self.crossed(before, step, pl_module, self.every_kimg):
             self.save(trainer, pl_module)
         stop = received & set(self.stop_on_signals)
         if stop:

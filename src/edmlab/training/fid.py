@@ -19,12 +19,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from edmlab.dist import distributed_env
 from edmlab.generate import generate_batch
 from edmlab.metrics.fid import FeatureStats, Stats, frechet_distance, load_stats, save_stats, select_subset
-from edmlab.training.progress import crossed_kimg
+from edmlab.training.progress import StepCallback
 
 __all__ = ["FIDCallback", "gather_in_order", "reference_stats", "sample_stats", "to_uint8_nchw"]
 
@@ -89,7 +88,7 @@ def _digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-class FIDCallback(Callback):
+class FIDCallback(StepCallback):
     """FID of `num` EMA samples vs the training data every `every_kimg` and at the end; logs fid/<num>, final/fid."""
 
     def __init__(self,
@@ -110,7 +109,7 @@ class FIDCallback(Callback):
         self.ref, self.ref_num, self.batch_size, self.seed = ref, ref_num, int(batch_size), int(seed)
         self.at_train_end, self.inception = at_train_end, inception
         self.detector, self._ref_stats = detector, None
-        self._seen_step = self._scored_step = -1
+        self._scored_step = -1
         self.key = f"fid/{self.num}"
 
     def _detector(self, device: torch.device) -> torch.nn.Module:
@@ -170,15 +169,10 @@ class FIDCallback(Callback):
         return fid
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._seen_step = trainer.global_step
+        super().on_train_start(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._seen_step:
-            return
-        before, self._seen_step = self._seen_step, step
-        if crossed_kimg(before, step, pl_module.batch_size, self.every_kimg):
+    def on_step(self, trainer: L.Trainer, pl_module: L.LightningModule, before: int, step: int) -> None:
+        if self.crossed(before, step, pl_module, self.every_kimg):
             self.score(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -14,7 +14,7 @@ import time
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["KimgProgress", "crossed_kimg", "format_eta", "tick_name"]
+__all__ = ["KimgProgress", "StepCallback", "crossed_kimg", "format_eta", "tick_name"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,31 @@ def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class StepCallback(Callback):
+    """A callback that acts once per optimizer step (`on_step`), never inside a gradient-accumulation cycle."""
+
+    _seen_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seen_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:  # the optimizer has not stepped since the last call
+            return
+        before, self._seen_step = self._seen_step, step
+        self.on_step(trainer, pl_module, before, step)
+
+    def on_step(self, trainer: L.Trainer, pl_module: L.LightningModule, before: int, step: int) -> None:
+        """Called after the optimizer moved from step `before` to `step`."""
+
+    @staticmethod
+    def crossed(before: int, step: int, pl_module: L.LightningModule, every_kimg: float | None) -> bool:
+        """Whether a multiple of `every_kimg` lies in (before, step] for the module's global batch."""
+        return crossed_kimg(before, step, pl_module.batch_size, every_kimg)
 
 
 class KimgProgress(Callback):

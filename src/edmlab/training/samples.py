@@ -9,11 +9,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import PIL.Image
-from lightning.pytorch.callbacks import Callback
 
 from edmlab.grid import render, sample_grid, save_png
 from edmlab.guidance import guided
-from edmlab.training.progress import crossed_kimg, tick_name
+from edmlab.training.progress import StepCallback, tick_name
 
 __all__ = ["SampleGrid", "draw_samples"]
 
@@ -46,7 +45,7 @@ def _log_image(trainer: L.Trainer, key: str, image: PIL.Image.Image) -> None:
                                         dataformats="HW" if array.ndim == 2 else "HWC")
 
 
-class SampleGrid(Callback):
+class SampleGrid(StepCallback):
     """Every `every_kimg`, sample the same seeds with the EMA weights; rank 0 writes `dirpath/<kimg>.png`."""
 
     def __init__(self,
@@ -68,11 +67,10 @@ class SampleGrid(Callback):
         self.seed, self.scale = seed, scale
         self.at_train_end = at_train_end
         self.guidance, self.guidance_interval = float(guidance), guidance_interval
-        self._seen_step = -1
         self._drawn_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._seen_step = trainer.global_step
+        super().on_train_start(trainer, pl_module)
         if self.guidance != 1 and pl_module.label_dim == 0:
             raise ValueError(f"callbacks.sample_grid.guidance={self.guidance:g} needs a class-conditional model; "
                              "this one is unconditional (label_dim=0): set guidance to 1")
@@ -94,13 +92,8 @@ class SampleGrid(Callback):
         log.info(f"sample grid at {kimg:.1f} kimg: {path}")
         return path
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._seen_step:
-            return
-        before, self._seen_step = self._seen_step, step
-        if crossed_kimg(before, step, pl_module.batch_size, self.every_kimg):
+    def on_step(self, trainer: L.Trainer, pl_module: L.LightningModule, before: int, step: int) -> None:
+        if self.crossed(before, step, pl_module, self.every_kimg):
             self.draw(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
