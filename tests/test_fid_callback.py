@@ -190,3 +190,31 @@ def test_train_py_logs_fid_and_returns_final_fid(tmp_path):
     fids = [(int(r["step"]), float(r["fid/16"])) for r in rows if r.get("fid/16")]
     assert [s for s, _ in fids] == [4, 6]  # at 64 images and at the end (96 images)
     assert all(np.isfinite(v) and v > 0 for _, v in fids) and (tmp_path / "ref.npz").is_file()
+
+
+def test_guided_fid_is_the_fid_of_guided_samples(tmp_path):
+    from edmlab.guidance import guided
+
+    dataset, denoiser = real_images(), tiny_denoiser()
+    cb = FIDCallback(HEUN, every_kimg=None, num=12, ref=tmp_path / "ref.npz", batch_size=5, seed=3,
+                     detector=PixelFeatures(), guidance=2.0, guidance_interval=(0.1, 10.0))
+    trainer, module = fake_run(dataset, denoiser, [RecordingLogger()])
+    fid = cb.score(trainer, module)
+    expected = direct_fid(guided(denoiser, 2.0, interval=(0.1, 10.0)), dataset, list(range(3, 15)), batch=5)
+    np.testing.assert_allclose(fid, expected, rtol=1e-7)
+    assert fid != pytest.approx(direct_fid(denoiser, dataset, list(range(3, 15)), batch=5), rel=1e-3)
+
+
+def test_fid_settings_are_checked_at_start_up(tmp_path, monkeypatch):
+    from edmlab.metrics.inception import InceptionWeightsError
+
+    for bad in (dict(batch_size=0), dict(every_kimg=0), dict(num=1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FIDCallback(HEUN, **bad)
+    unconditional = SimpleNamespace(label_dim=0)
+    with pytest.raises(ValueError, match="guidance=2 needs a class-conditional model"):
+        FIDCallback(HEUN, guidance=2.0, detector=PixelFeatures()).check_settings(unconditional)
+    monkeypatch.setenv("EDMLAB_INCEPTION", str(tmp_path / "missing.pt"))
+    with pytest.raises(InceptionWeightsError, match="missing.pt"):
+        FIDCallback(HEUN).check_settings(SimpleNamespace(label_dim=3))
+    FIDCallback(HEUN, detector=PixelFeatures()).check_settings(SimpleNamespace(label_dim=3))  # a given detector

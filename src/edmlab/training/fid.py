@@ -22,6 +22,7 @@ import torch
 
 from edmlab.dist import distributed_env
 from edmlab.generate import generate_batch
+from edmlab.guidance import guided
 from edmlab.metrics.fid import FeatureStats, Stats, frechet_distance, load_stats, save_stats, select_subset
 from edmlab.training.progress import StepCallback
 
@@ -102,15 +103,33 @@ class FIDCallback(StepCallback):
                  at_train_end: bool = True,
                  inception: str | os.PathLike | None = None,  # Inception weights file (None: default lookup)
                  detector: torch.nn.Module | None = None,   # feature network (None: the FID Inception-v3)
+                 guidance: float = 1.0,                     # w of edmlab.guidance (1: the unguided sampler)
+                 guidance_interval: Sequence[float] | None = None,  # (sigma_lo, sigma_hi]: w only there
                  ) -> None:
         if num < 2:
             raise ValueError(f"FIDCallback num={num}: FID needs at least 2 samples")
+        if batch_size < 1:
+            raise ValueError(f"callbacks.fid.batch_size={batch_size}: must be >= 1")
+        if every_kimg is not None and not every_kimg > 0:
+            raise ValueError(f"callbacks.fid.every_kimg={every_kimg}: must be > 0 (null: only at the end)")
+        self.guidance = float(guidance)
+        self.guidance_interval = tuple(guidance_interval) if guidance_interval is not None else None
         self.sampler, self.every_kimg, self.num = sampler, every_kimg, int(num)
         self.ref, self.ref_num, self.batch_size, self.seed = ref, ref_num, int(batch_size), int(seed)
         self.at_train_end, self.inception = at_train_end, inception
         self.detector, self._ref_stats = detector, None
         self._scored_step = -1
         self.key = f"fid/{self.num}"
+
+    def check_settings(self, pl_module: L.LightningModule) -> None:
+        """At start-up, before any training: the weights exist and guidance fits the model (one-line errors)."""
+        if self.guidance != 1 and not pl_module.label_dim:
+            raise ValueError(f"callbacks.fid.guidance={self.guidance:g} needs a class-conditional model; this one "
+                             "is unconditional: set it to 1")
+        if self.detector is None:
+            from edmlab.metrics.inception import resolve_weights
+
+            resolve_weights(self.inception)  # raises InceptionWeightsError saying how to get them (make inception)
 
     def _detector(self, device: torch.device) -> torch.nn.Module:
         if self.detector is None:
@@ -155,7 +174,8 @@ class FIDCallback(StepCallback):
         was_training = denoiser.training
         denoiser.eval()
         try:
-            stats = sample_stats(denoiser, self.sampler, detector, range(self.seed, self.seed + self.num),
+            guided_denoiser = guided(denoiser, self.guidance, interval=self.guidance_interval)
+            stats = sample_stats(guided_denoiser, self.sampler, detector, range(self.seed, self.seed + self.num),
                                  batch_size=self.batch_size, device=device, rank=rank, world=world)
         finally:
             denoiser.train(was_training)
