@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edmlab.data.images import open_images
 from edmlab.data.latents import write_latent_dataset
+from edmlab.data.sources import open_images
 from edmlab.encoders import StabilityVAEEncoder
 
 

@@ -13,8 +13,9 @@ from edmlab.data.datamodule import (
 from edmlab.data.digits import DigitsDataset
 from edmlab.data.folder import ImageFolderDataset
 from edmlab.data.idx import IdxDataset, read_idx
-from edmlab.data.images import ArrayImageDataset, ImageDataset, load_npz, open_images
+from edmlab.data.images import ArrayImageDataset, ImageDataset, load_npz
 from edmlab.data.latents import LatentDataModule, LatentDataset
+from edmlab.data.sources import open_images
 from edmlab.data.toy2d import Toy2DDataset
 
 __all__ = [

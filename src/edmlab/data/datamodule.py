@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
-from edmlab.data.images import ImageDataset, open_images, square_side
+from edmlab.data.images import ImageDataset, square_side
+from edmlab.data.sources import open_images
 from edmlab.data.toy2d import Toy2DDataset
 
 

@@ -131,19 +131,3 @@ def load_npz(path: str | os.PathLike) -> ArrayImageDataset:
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"{path}: 'images' must be uint8 [N, H, W, C]; got {images.dtype} {images.shape}")
     return ArrayImageDataset(images.transpose(0, 3, 1, 2), labels, name=str(path))
-
-
-def open_images(path: str | os.PathLike) -> ImageDataset:
-    """Any image source by path: folder, .zip, CIFAR-10 tarball or folder, or .npz; yields (uint8 CHW, label)."""
-    from edmlab.data.cifar10 import CIFAR10Dataset, is_cifar10_source
-    from edmlab.data.folder import ImageFolderDataset
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder (expected an image folder, .zip, .npz or "
-                                f"cifar-10-python.tar.gz)")
-    if path.suffix == ".npz":
-        return load_npz(path)
-    if is_cifar10_source(path):
-        return CIFAR10Dataset(path, md5=None)
-    return ImageFolderDataset(path)
