@@ -21,8 +21,8 @@ import lightning as L
 import torch
 from torch import nn
 
+import edmlab.training.rng as rng
 from edmlab import loss as losses
-from edmlab.training import rng
 from edmlab.training.ema import EMA, PowerFunctionEMA
 
 __all__ = ["EDMModule", "LearningRate", "reference_loss", "CHECKPOINT_KEY", "EMA_PREFIX", "TrainingDiverged"]
