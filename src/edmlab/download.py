@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
+
+from edmlab.fileio import atomic_write
 
 ENV_OFFLINE = "EDMLAB_OFFLINE"
 
@@ -33,20 +34,15 @@ def download(url: str, dest: str | os.PathLike, *, timeout: float = 20.0, md5: s
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     print(f"Downloading {url} -> {dest}", file=sys.stderr)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        h_md5, h_sha = hashlib.md5(), hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                h_md5.update(chunk)
-                h_sha.update(chunk)
+    h_md5, h_sha = hashlib.md5(), hashlib.sha256()
+    with atomic_write(dest) as f, urllib.request.urlopen(url, timeout=timeout) as response:
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            h_md5.update(chunk)
+            h_sha.update(chunk)
+        # checked before the rename: a mismatch leaves no file under `dest`
         if md5 is not None and h_md5.hexdigest() != md5:
             raise OSError(f"{url}: md5 {h_md5.hexdigest()} does not match the expected {md5}")
         if sha256_prefix is not None and not h_sha.hexdigest().startswith(sha256_prefix):
             raise OSError(f"{url}: SHA-256 {h_sha.hexdigest()[:16]}... does not start with {sha256_prefix}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dest

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from edmlab.dist import distributed_env
+from edmlab.fileio import atomic_write
 from edmlab.precond import Denoiser
 
 __all__ = ["parse_seeds", "distributed_env", "batches_for_rank", "seed_generators", "draw_labels",
@@ -263,17 +264,9 @@ def load_denoiser_any(path: str | os.PathLike, use_ema: bool = True, map_locatio
 # ------------------------------------------------------------------------------------------- writing
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Any]:
-    """A file object for `path` that appears under that name only once complete (tmp name + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _atomic(path: Path):
+    """edmlab.fileio.atomic_write without fsync: per-image fsyncs would dominate writing 50k PNGs."""
+    return atomic_write(path, "wb", fsync=False)
 
 
 def _save_png(pixels: np.ndarray, path: Path) -> None:
@@ -310,7 +303,7 @@ def _check_manifest(outdir: Path, settings: Mapping[str, Any] | None, rank: int)
 def _remove_stale_tmp(outdir: Path, seeds: set[int]) -> None:
     """Delete temporary files a killed run left for these seeds (each seed belongs to one rank)."""
     for folder in {png_path(outdir, s).parent for s in seeds}:
-        for tmp in folder.glob(".*.png.tmp*"):
+        for tmp in folder.glob(".*.png.*.tmp"):  # edmlab.fileio.tmp_name
             stem = tmp.name[1:].split(".", 1)[0]
             if stem.isdigit() and int(stem) in seeds:
                 tmp.unlink(missing_ok=True)

@@ -16,6 +16,8 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from edmlab.fileio import atomic_write
+
 __all__ = ["sample_grid", "to_uint8", "image_grid", "scatter_plot", "render", "save_png"]
 
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -94,10 +96,8 @@ def render(samples: torch.Tensor, labels: torch.Tensor | None, per_class: int,
 
 
 def save_png(image: PIL.Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG atomically (tmp file + os.replace), creating the folder."""
+    """Write a PNG atomically (edmlab.fileio), creating the folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path, fsync=False) as f:
+        image.save(f, format="PNG")
     return path

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import scipy.linalg
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from edmlab.fileio import atomic_write
 from edmlab.metrics.inception import InceptionV3FID, cache_dir, download, is_offline
 
 FID_NUM = 50_000                                     # EDM: --num default, and images per seed range
@@ -231,14 +231,8 @@ def save_stats(path: str | os.PathLike, stats: Stats, features: bool = False) ->
         if stats.features is None:
             raise ValueError("save_stats(features=True) needs stats computed with keep_features=True")
         arrays["features"] = stats.features
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def load_stats(path: str | os.PathLike) -> Stats:
