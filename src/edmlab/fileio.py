@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_torch_save", "tmp_name", "remove_stale_tmp"]
+__all__ = ["atomic_write", "atomic_torch_save", "tmp_name", "remove_stale_tmp", "file_sha256"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -61,6 +61,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, fsync: bool = True) -> 
     with atomic_write(path, "wb", fsync=fsync) as f:
         torch.save(obj, f)
     return Path(path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:

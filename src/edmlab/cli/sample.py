@@ -62,8 +62,9 @@ def checkpoint_identity(path: Path) -> dict[str, Any]:
     """What tells two states of a checkpoint file apart: its stored content hash (or the file's sha256), step, size.
 
     Stored in the outdir's manifest: rerunning into an outdir after more training refuses to mix two models."""
-    import hashlib
     import zipfile
+
+    from edmlab.fileio import file_sha256
 
     identity: dict[str, Any] = {"bytes": path.stat().st_size}
     if zipfile.is_zipfile(path):
@@ -71,11 +72,7 @@ def checkpoint_identity(path: Path) -> dict[str, Any]:
         meta = ckpt.get("edmlab") if isinstance(ckpt.get("edmlab"), dict) else ckpt
         identity.update(sha256=meta.get("sha256"), global_step=ckpt.get("global_step"))
     if identity.get("sha256") is None:  # EDM pickles and older files: hash the bytes
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        identity["sha256"] = digest.hexdigest()
+        identity["sha256"] = file_sha256(path)
     return identity
 
 
