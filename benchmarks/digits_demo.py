@@ -52,7 +52,7 @@ def generate(run_dir: Path, per_class: int = 100, batch: int = 250) -> tuple[np.
     from omegaconf import OmegaConf
 
     import edmlab.cli  # noqa: F401 - the resolvers the stored config may name
-    from edmlab.interop import load_denoiser
+    from edmlab.checkpoints import load_denoiser
 
     ckpt = run_dir / "checkpoints" / "last_ema.pt"
     denoiser = load_denoiser(ckpt)

@@ -49,7 +49,7 @@ def sweep(run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     import edmlab.cli  # noqa: F401 - resolvers of the stored config
-    from edmlab.generate import load_denoiser_any
+    from edmlab.checkpoints import load_denoiser_any
     from edmlab.training.phema import list_snapshots, reconstruct_denoiser
 
     ckpts = run_dir / "checkpoints"

@@ -158,7 +158,7 @@ def main() -> None:
 
 
 def denoiser_shape(denoiser) -> tuple[int, ...]:
-    from edmlab.generate import data_shape
+    from edmlab.generation import data_shape
 
     return data_shape(denoiser)
 

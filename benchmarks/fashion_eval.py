@@ -15,7 +15,7 @@ def make_sampler(run_dir: Path, **overrides):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from edmlab.interop import load_denoiser
+    from edmlab.checkpoints import load_denoiser
 
     ckpt = Path(run_dir) / "checkpoints" / "last_ema.pt"
     denoiser = load_denoiser(ckpt).eval().requires_grad_(False)
@@ -26,7 +26,7 @@ def make_sampler(run_dir: Path, **overrides):
 @torch.no_grad()
 def sample_uint8(denoiser, sampler, num: int, device, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [num, C, H, W] samples for seeds 0..num-1 (random class per seed, EDM's protocol), and classes."""
-    from edmlab.generate import generate_batch
+    from edmlab.generation import generate_batch
 
     images, labels = [], []
     for lo in range(0, num, batch):

@@ -13,7 +13,7 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 
 def _grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 10) -> None:
     """One row per class: the first per_class samples of each class, upscaled 2x."""
-    from edmlab.grid import image_grid, save_png
+    from edmlab.generation.grid import image_grid, save_png
 
     rows = []
     for k in range(10):

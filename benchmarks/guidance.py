@@ -43,7 +43,7 @@ def load_run(run_dir: Path):
     from omegaconf import OmegaConf
 
     import edmlab.cli  # noqa: F401 - the resolvers a stored config may name
-    from edmlab.interop import load_denoiser
+    from edmlab.checkpoints import load_denoiser
 
     ckpt = run_dir / "checkpoints" / "last_ema.pt"
     config = torch.load(ckpt, weights_only=True)["config"]
@@ -81,8 +81,8 @@ def draw(denoiser, sampler, shape, label_dim: int, per_class: int, batch: int = 
 def guidance_table(run_dir: Path, guide_path: Path | None, weights, interval, per_class: int) -> dict:
     from sklearn.svm import SVC
 
-    from edmlab.generate import data_shape
-    from edmlab.interop import load_denoiser
+    from edmlab.checkpoints import load_denoiser
+    from edmlab.generation import data_shape
 
     denoiser, sampler, datamodule = load_run(run_dir)
     images, labels = dataset_arrays(datamodule)

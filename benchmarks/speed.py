@@ -4,7 +4,7 @@ Training, three ways on one device in one process, step by step in lockstep over
   (a) plain:   a loop written here in NVlabs/edm's shape: EDM loss, backward, Adam, parameter-loop EMA, fp32;
   (b) edmlab:  what `python train.py` builds with default settings (EDMModule + Lightning Trainer + callbacks);
   (c) fast:    (b) with trainer=gpu_fast's switches (bf16 autocast, TF32, channels_last, fused Adam, SDPA).
-Sampling: images/s of edmlab.generate (what sample.py runs) at 35 NFE against 35 x one network forward at the
+Sampling: images/s of edmlab.generation (what sample.py runs) at 35 NFE against 35 x one network forward at the
 same batch (the sampler's overhead), and `python sample.py` end to end for the digits net.
 
     python benchmarks/speed.py                  # this machine's CPU (or GPU), bounded to ~10 minutes on 2 cores
@@ -247,7 +247,7 @@ def bench_sampling(name: str, device: torch.device, rounds: int, tmp: Path) -> d
     from hydra.utils import instantiate
 
     from edmlab.cli.train import build_model
-    from edmlab.generate import generate
+    from edmlab.generation import generate
 
     overrides, shape, label_dim, cpu_batch, gpu_batch = MODELS[name]
     batch = 64 if shape == (1, 8, 8) else (gpu_batch if device.type == "cuda" else cpu_batch)
@@ -281,12 +281,12 @@ def bench_sampling(name: str, device: torch.device, rounds: int, tmp: Path) -> d
 
 def sample_py_end_to_end(tmp: Path, runs: int = 2) -> dict:
     """`python sample.py` for 64 digits images (a fresh process each) against its network time alone."""
-    from edmlab import interop
+    from edmlab import checkpoints
     from edmlab.cli.train import build_model
 
     cfg = compose(["experiment=digits_edm", "logger=csv", "extras.print_config=false"])
     _, model = build_model(cfg)
-    ckpt = interop.save_denoiser(model.ema.module, tmp / "digits.pt")
+    ckpt = checkpoints.save_denoiser(model.ema.module, tmp / "digits.pt")
     walls = []
     for r in range(runs):
         cmd = [sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", "seeds=0-63", "device=cpu", "format=npz",
@@ -355,7 +355,7 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
               f"{', '.join(str(r['edmlab']['steps']) for r in train.values())}. Peak memory: each way alone "
               "for 2 steps.", "",
               f"## Sampling ({NFE} NFE, Heun)", "",
-              f"| model | batch | edmlab.generate img/s | {NFE} x forward img/s | sampler overhead |",
+              f"| model | batch | edmlab.generation img/s | {NFE} x forward img/s | sampler overhead |",
               "|---|---|---|---|---|"]
     for name, r in sample.items():
         lines.append(f"| {name} | {r['batch']} | {r['gen_img_s']:.3g} | {r['net_img_s']:.3g} | "

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edmlab.interop import read_edm_snapshot, save_denoiser
+from edmlab.checkpoints import read_edm_snapshot, save_denoiser
 from edmlab.networks import num_parameters
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from edmlab.checkpoints import load_denoiser_any
 from edmlab.cli.sample import CONFIG_DIR, resolve_device  # also registers the config resolvers
 from edmlab.fileio import atomic_write
-from edmlab.generate import load_denoiser_any
 from edmlab.likelihood import image_bits_per_dim
 
 log = logging.getLogger("edmlab.likelihood")

@@ -4,7 +4,7 @@
         --outdir phema/
     python sample.py ckpt=phema/phema-0000128-0.100.pt
 
-Each output is an edmlab inference checkpoint (edmlab.interop.save_denoiser) that sample.py loads. The
+Each output is an edmlab inference checkpoint (edmlab.checkpoints.save_denoiser) that sample.py loads. The
 snapshots come from training with model.phema_sigma_rels=[0.05,0.10] (written at every
 callbacks.checkpoint.snapshot_every_kimg and with every checkpoint).
 """
@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edmlab.interop import save_denoiser
+from edmlab.checkpoints import save_denoiser
 from edmlab.training.ema import posthoc_coefficients
 from edmlab.training.phema import list_snapshots, reconstruct_denoiser
 

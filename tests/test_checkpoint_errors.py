@@ -8,12 +8,12 @@ import pytest
 import torch
 from test_train import compose_cfg, tiny
 
-from edmlab import interop
+from edmlab import checkpoints
+from edmlab.checkpoints import CheckpointFormatError, IncompatibleCheckpoint, load_denoiser, save_denoiser
+from edmlab.checkpoints.safe_pickle import ModuleRecord
 from edmlab.cli.train import train
-from edmlab.interop import CheckpointFormatError, ModuleRecord, load_denoiser, save_denoiser
 from edmlab.networks import build
 from edmlab.precond import Denoiser
-from edmlab.training.resume import IncompatibleCheckpoint
 
 
 class Opaque:  # a class torch.load(weights_only=True) refuses
@@ -51,7 +51,7 @@ def test_cyclic_module_tree_is_refused_not_a_recursion_error():
     outer.__setstate__({"_parameters": {}, "_buffers": {}, "_modules": {"enc": inner}})
     inner.__setstate__({"_parameters": {"w": torch.zeros(1)}, "_buffers": {}, "_modules": {"loop": outer}})
     with pytest.raises(CheckpointFormatError, match=r"module tree has a cycle: enc.loop contains a module"):
-        dict(interop._named_tensors(outer))
+        dict(checkpoints.safe_pickle.named_tensors(outer))
 
 
 def test_declared_network_is_checked_against_the_tensors_before_it_is_built(tmp_path, monkeypatch):
@@ -67,7 +67,7 @@ def test_declared_network_is_checked_against_the_tensors_before_it_is_built(tmp_
         devices.append(torch.empty(0).device.type)
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(interop, "build", spy)
+    monkeypatch.setattr(checkpoints.weights, "build", spy)
     with pytest.raises(CheckpointFormatError, match=r"'net.map_layer0.weight' has shape \(32, 8\) in the checkpoint "
                                                     r"but \(16384, 4096\) in the network"):
         load_denoiser(path)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edmlab.training.checkpoint import EXPORT_NAME, SAVE_POINTS, saved_step, sync_export
+from edmlab.checkpoints import EXPORT_NAME, saved_step
+from edmlab.training.checkpoint import SAVE_POINTS, sync_export
 
 ROOT = Path(__file__).resolve().parents[1]
 # a checkpoint after every step of 8 points: save n holds step n
@@ -50,10 +51,9 @@ def _check_usable(folder: Path) -> tuple[int | None, int | None]:
 
 
 def _export_is_the_ema_of(folder: Path) -> None:
-    from edmlab.interop import load_denoiser
-    from edmlab.training.resume import load_ema_denoiser
+    from edmlab.checkpoints import load_denoiser, load_denoiser_any
 
-    exported, rebuilt = load_denoiser(folder / EXPORT_NAME), load_ema_denoiser(folder / "last.ckpt")
+    exported, rebuilt = load_denoiser(folder / EXPORT_NAME), load_denoiser_any(folder / "last.ckpt")
     for (name, a), (_, b) in zip(exported.state_dict().items(), rebuilt.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 

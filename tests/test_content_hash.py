@@ -9,12 +9,16 @@ import pytest
 import torch
 from test_train import compose_cfg, tiny
 
+from edmlab.checkpoints import (
+    CheckpointFormatError,
+    IncompatibleCheckpoint,
+    load_denoiser,
+    load_denoiser_any,
+    save_denoiser,
+)
 from edmlab.cli.train import train
-from edmlab.generate import load_denoiser_any
-from edmlab.interop import CheckpointFormatError, load_denoiser, save_denoiser
 from edmlab.networks import build
 from edmlab.precond import Denoiser
-from edmlab.training.resume import IncompatibleCheckpoint
 
 
 def flip_one_bit(path, name: str = "data/") -> None:

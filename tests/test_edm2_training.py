@@ -8,8 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from edmlab import loss as losses
+from edmlab.checkpoints import load_denoiser, save_denoiser
 from edmlab.cli.train import CONFIG_DIR
-from edmlab.interop import load_denoiser, save_denoiser
 from edmlab.networks import build
 from edmlab.precond import Denoiser
 from edmlab.training.module import LearningRate

@@ -8,9 +8,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import edmlab.cli  # noqa: F401 - the edmlab.* resolvers
+from edmlab.checkpoints import load_denoiser
 from edmlab.cli.train import train
 from edmlab.data import DigitsDataset, ImageDataModule
-from edmlab.interop import load_denoiser
 from edmlab.training.module import reference_loss
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

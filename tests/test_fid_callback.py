@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from edmlab.data import ArrayImageDataset
-from edmlab.generate import generate_batch
+from edmlab.generation import generate_batch
 from edmlab.metrics.fid import frechet_distance
 from edmlab.networks import build
 from edmlab.precond import Denoiser

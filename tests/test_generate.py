@@ -14,14 +14,14 @@ import PIL.Image
 import pytest
 import torch
 
-from edmlab import interop
-from edmlab.generate import (
+from edmlab import checkpoints
+from edmlab.checkpoints import load_denoiser_any
+from edmlab.dist import distributed_env
+from edmlab.generation import (
     batches_for_rank,
-    distributed_env,
     draw_labels,
     generate,
     generate_batch,
-    load_denoiser_any,
     npz_name,
     parse_seeds,
     png_path,
@@ -190,7 +190,7 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def test_killed_run_restarts_with_exactly_the_missing_seeds(tmp_path):
-    ckpt = interop.save_denoiser(tiny_denoiser(), tmp_path / "tiny.pt")
+    ckpt = checkpoints.save_denoiser(tiny_denoiser(), tmp_path / "tiny.pt")
     outdir = tmp_path / "out"
     n = 400
     cmd = [sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", f"seeds=0-{n - 1}", "batch_size=2",
@@ -238,7 +238,7 @@ def four_images(denoiser) -> np.ndarray:
 
 def test_exported_checkpoint(tmp_path):
     denoiser = tiny_denoiser(label_dim=3)
-    path = interop.save_denoiser(denoiser, tmp_path / "last_ema.pt")
+    path = checkpoints.save_denoiser(denoiser, tmp_path / "last_ema.pt")
     loaded = load_denoiser_any(path)
     images = four_images(loaded)
     assert images.shape == (4, 8, 8, 1) and images.std() > 0
@@ -277,14 +277,14 @@ def test_training_checkpoint_ema_and_raw_weights(tmp_path):
 
 
 def test_edm_pickle(tmp_path):
-    from test_interop import edm_network, write_edm_snapshot
+    from test_checkpoints_edm import edm_network, write_edm_snapshot
 
     path = write_edm_snapshot(tmp_path / "network-snapshot-000000.pkl", edm_network("ddpmpp", 0, 0), "EDMPrecond",
                               "ddpmpp")
     loaded = load_denoiser_any(path)
     images = four_images(loaded)
     assert images.shape == (4, 8, 8, 3) and images.std() > 0
-    np.testing.assert_array_equal(images, four_images(interop.load_edm_pickle(path)))
+    np.testing.assert_array_equal(images, four_images(checkpoints.load_edm_pickle(path)))
     with pytest.raises(ValueError, match="only the EMA"):
         load_denoiser_any(path, use_ema=False)
 
@@ -295,7 +295,7 @@ def test_cli_run_in_process(tmp_path):
 
     from edmlab.cli.sample import CONFIG_DIR, ckpt_name, run
 
-    ckpt = interop.save_denoiser(tiny_denoiser(label_dim=3), tmp_path / "run" / "checkpoints" / "last_ema.pt")
+    ckpt = checkpoints.save_denoiser(tiny_denoiser(label_dim=3), tmp_path / "run" / "checkpoints" / "last_ema.pt")
     assert ckpt_name(str(ckpt)) == "run-last_ema"
     assert ckpt_name("x/network-snapshot-001000.pkl") == "x-network-snapshot-001000"
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -181,9 +181,9 @@ def test_bad_settings():
 
 
 def tiny_checkpoint(path, seed):
-    from edmlab import interop
+    from edmlab import checkpoints
 
-    return interop.save_denoiser(Denoiser(tiny_network(seed)), path)
+    return checkpoints.save_denoiser(Denoiser(tiny_network(seed)), path)
 
 
 def test_sample_cli_guidance(tmp_path):
@@ -191,8 +191,9 @@ def test_sample_cli_guidance(tmp_path):
     import numpy as np
     from hydra import compose, initialize_config_dir
 
+    from edmlab.checkpoints import load_denoiser_any
     from edmlab.cli.sample import CONFIG_DIR, run
-    from edmlab.generate import generate_batch, load_denoiser_any, npz_name, to_uint8_nhwc
+    from edmlab.generation import generate_batch, npz_name, to_uint8_nhwc
 
     ckpt, weak = tiny_checkpoint(tmp_path / "a.pt", 0), tiny_checkpoint(tmp_path / "b.pt", 1)
     common = [f"ckpt={ckpt}", "seeds=0-2", "num_steps=4", "format=npz", "progress=false", "device=cpu"]
@@ -219,7 +220,7 @@ def test_preview_grid_takes_a_guidance_setting():
 
     import numpy as np
 
-    from edmlab.grid import render, sample_grid
+    from edmlab.generation.grid import render, sample_grid
     from edmlab.training.samples import draw_samples
 
     denoiser = Denoiser(tiny_network(0)).eval()

@@ -115,7 +115,7 @@ def test_likelihood_script_matches_library(tmp_path):
 
     from hydra import compose, initialize_config_dir
 
-    from edmlab import interop
+    from edmlab import checkpoints
     from edmlab.cli.sample import CONFIG_DIR
     from edmlab.data import DigitsDataset
     from edmlab.likelihood import image_bits_per_dim
@@ -125,7 +125,7 @@ def test_likelihood_script_matches_library(tmp_path):
     torch.manual_seed(0)
     net = build("ddpmpp", img_resolution=8, img_channels=1, label_dim=10, model_channels=16, channel_mult=[1],
                 num_blocks=1, attn_resolutions=[])
-    ckpt = interop.save_denoiser(Denoiser(net), tmp_path / "model.pt")
+    ckpt = checkpoints.save_denoiser(Denoiser(net), tmp_path / "model.pt")
     script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "likelihood.py"))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("likelihood", overrides=[f"ckpt={ckpt}", "data.max_size=1700", "subset=heldout", "max_images=3",
@@ -139,7 +139,7 @@ def test_likelihood_script_matches_library(tmp_path):
     data = DigitsDataset()
     pixels = torch.from_numpy(data.images[index])
     labels = torch.eye(10)[torch.from_numpy(data.raw_labels[index])]
-    expected = image_bits_per_dim(interop.load_denoiser(ckpt), pixels, labels, seeds=[5, 6, 7], num_steps=2,
+    expected = image_bits_per_dim(checkpoints.load_denoiser(ckpt), pixels, labels, seeds=[5, 6, 7], num_steps=2,
                                   divergence="hutchinson")["bits_per_dim"]
     np.testing.assert_allclose(bpd, expected.numpy(), rtol=0, atol=1e-9)
     assert json.loads((tmp_path / "out" / "likelihood.json").read_text())["bits_per_dim"] == summary["bits_per_dim"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edmlab.generate import load_denoiser_any
+from edmlab.checkpoints import load_denoiser_any
 from edmlab.training.ema import PowerFunctionEMA, _profile_dot, posthoc_coefficients, sigma_rel_to_gamma
 from edmlab.training.phema import list_snapshots, reconstruct, save_snapshot
 

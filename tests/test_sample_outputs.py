@@ -7,9 +7,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from test_generate import HEUN, tiny_denoiser
 
-from edmlab import interop
+from edmlab import checkpoints
 from edmlab.cli.sample import CONFIG_DIR, run
-from edmlab.generate import generate, npz_name
+from edmlab.generation import generate, npz_name
 
 
 def test_two_seed_ranges_into_one_outdir_keep_both_files(tmp_path):
@@ -32,10 +32,10 @@ def _cfg(ckpt, outdir, seeds: str):
 
 def test_rerun_after_the_checkpoint_changed_is_refused(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last_ema.pt"
-    interop.save_denoiser(tiny_denoiser(label_dim=0), ckpt, global_step=10)
+    checkpoints.save_denoiser(tiny_denoiser(label_dim=0), ckpt, global_step=10)
     out = tmp_path / "out"
     run(_cfg(ckpt, out, "0-3"))
     run(_cfg(ckpt, out, "4-7"))  # same checkpoint, another range: fine
-    interop.save_denoiser(tiny_denoiser(label_dim=0, seed=1), ckpt, global_step=20)  # trained on
+    checkpoints.save_denoiser(tiny_denoiser(label_dim=0, seed=1), ckpt, global_step=20)  # trained on
     with pytest.raises(ValueError, match=r"holds samples written with other settings \(checkpoint: .*global_step"):
         run(_cfg(ckpt, out, "8-11"))

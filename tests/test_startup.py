@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from edmlab import interop
+from edmlab import checkpoints
 from edmlab.networks import build
 from edmlab.precond import Denoiser
 
@@ -47,7 +47,7 @@ def test_sample_py_generates_without_importing_lightning(tmp_path):
     torch.manual_seed(0)
     net = build("ddpmpp", img_resolution=8, img_channels=1, model_channels=16, channel_mult=[1, 2], num_blocks=1,
                 attn_resolutions=[], dropout=0.0)
-    ckpt = interop.save_denoiser(Denoiser(net), tmp_path / "tiny.pt")
+    ckpt = checkpoints.save_denoiser(Denoiser(net), tmp_path / "tiny.pt")
     outdir = tmp_path / "out"
     loaded = _lightning_modules_loaded("sample.py", f"ckpt={ckpt}", "seeds=0-1", "num_steps=2", "device=cpu",
                                        f"outdir={outdir}", "progress=false")

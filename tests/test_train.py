@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from torch.utils.data import DataLoader
 
+from edmlab.checkpoints import EMA_PREFIX, IncompatibleCheckpoint, load_denoiser_any
 from edmlab.cli.train import CONFIG_DIR, build_model, train
 from edmlab.training.ema import (
     EMA,
@@ -22,8 +23,7 @@ from edmlab.training.ema import (
     reconstruct_posthoc,
     sigma_rel_to_gamma,
 )
-from edmlab.training.module import EMA_PREFIX, LearningRate
-from edmlab.training.resume import IncompatibleCheckpoint, load_ema_denoiser
+from edmlab.training.module import LearningRate
 
 EXPERIMENTS = ("digits_edm", "toy2d", "cifar_edm", "cifar_vp", "cifar_ve", "cifar_fm")
 PROCESSES = ("edm", "vp", "ve", "fm")
@@ -100,10 +100,10 @@ def test_experiment_runs_two_steps_under_every_process(experiment, process, tmp_
     assert meta["data_shape"] == ([3, 32, 32] if cifar_like else [2] if experiment == "toy2d" else [1, 8, 8])
     assert Path(result["samples"]).is_file()
     # the exported EMA denoiser and the one rebuilt from last.ckpt agree
-    from edmlab.interop import load_denoiser
+    from edmlab.checkpoints import load_denoiser
 
     exported = load_denoiser(run / "checkpoints" / "last_ema.pt")
-    rebuilt = load_ema_denoiser(run / "checkpoints" / "last.ckpt")
+    rebuilt = load_denoiser_any(run / "checkpoints" / "last.ckpt")
     x = torch.randn(3, *meta["data_shape"])
     labels = torch.eye(rebuilt.label_dim)[:3] if rebuilt.label_dim else None
     assert torch.equal(exported(x, 1.0, class_labels=labels), rebuilt(x, 1.0, class_labels=labels))

@@ -12,9 +12,9 @@ import torch
 from hydra.utils import instantiate
 from test_train import compose_cfg, tiny
 
+from edmlab.checkpoints import EXPORT_NAME, saved_step
 from edmlab.cli.train import main, train
 from edmlab.cluster import Requeue
-from edmlab.training.checkpoint import EXPORT_NAME, saved_step
 
 BASE = [*tiny("digits_edm"), "final_samples=null", "model.lr_rampup_kimg=0"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from edmlab.training.checkpoint import EXPORT_NAME, saved_step
+from edmlab.checkpoints import EXPORT_NAME, saved_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # digits with dropout and EDM augmentation on: every random draw of a step (sigma, augmentation, noise,
@@ -134,7 +134,7 @@ def test_restart_in_its_own_folder_resumes_without_ckpt_path(tmp_path):
 
 
 def test_last_never_picks_another_runs_checkpoint_inside_a_sweep(tmp_path):
-    from edmlab.training.resume import resolve_ckpt_path
+    from edmlab.checkpoints import resolve_ckpt_path
 
     other = tmp_path / "runs" / "other" / "checkpoints"
     other.mkdir(parents=True)

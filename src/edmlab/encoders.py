@@ -130,11 +130,11 @@ def encoder_config_of_checkpoint(path: str | os.PathLike) -> dict[str, Any] | No
     """The `encoder` config a checkpoint was trained with (None: pixels), for decoding its samples."""
     import zipfile
 
-    from edmlab.generate import resolve_checkpoint
+    from edmlab.checkpoints import resolve_checkpoint
 
     path = resolve_checkpoint(path)
     if not zipfile.is_zipfile(path):  # an official snapshot: NVlabs/edm2 records its encoder
-        from edmlab.interop import read_edm_snapshot
+        from edmlab.checkpoints import read_edm_snapshot
 
         return edm2_encoder_config(read_edm_snapshot(path).encoder)
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -148,7 +148,7 @@ def encoder_config_of_checkpoint(path: str | os.PathLike) -> dict[str, Any] | No
 
 
 def edm2_encoder_config(record: dict | None) -> dict[str, Any] | None:
-    """An NVlabs/edm2 encoder record (edmlab.interop) as a `_target_` config with the same scale and bias."""
+    """An NVlabs/edm2 encoder record (edmlab.checkpoints.edm) as a `_target_` config with the same scale and bias."""
     if not record or record.get("kind") != "sd_vae":
         return None
     final_std = 0.5

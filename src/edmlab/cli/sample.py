@@ -11,15 +11,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from edmlab.checkpoints import load_denoiser_any, resolve_checkpoint
 from edmlab.cli.resolvers import register, repo_root
-from edmlab.generate import (
-    GenerateResult,
-    distributed_env,
-    generate,
-    load_denoiser_any,
-    parse_seeds,
-    resolve_checkpoint,
-)
+from edmlab.dist import distributed_env
+from edmlab.generation import GenerateResult, generate, parse_seeds
 from edmlab.guidance import guided
 
 __all__ = ["main", "run", "resolve_device", "ckpt_name", "checkpoint_identity", "CONFIG_DIR"]

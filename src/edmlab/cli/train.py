@@ -157,17 +157,16 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from edmlab import dist
-    from edmlab.cli.validate import check_types
-    from edmlab.training.checkpoint import sync_export
-    from edmlab.training.module import CHECKPOINT_KEY
-    from edmlab.training.resume import (
+    from edmlab.checkpoints import (
+        CHECKPOINT_KEY,
         CKPT_NAME,
         IncompatibleCheckpoint,
-        check_compatible,
-        config_changes,
         load_training_checkpoint,
         resolve_ckpt_path,
     )
+    from edmlab.cli.validate import check_types
+    from edmlab.training.checkpoint import sync_export
+    from edmlab.training.resume import check_compatible, config_changes
     from edmlab.training.samples import draw_samples
 
     output_dir = Path(cfg.paths.output_dir)
@@ -243,7 +242,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
         spec = cfg.final_samples
         image = draw_samples(model, instantiate(cfg.sampler), per_class=spec.per_class,
                              num_unconditional=spec.num_unconditional, seed=spec.seed, scale=spec.scale)
-        from edmlab.grid import save_png
+        from edmlab.generation.grid import save_png
 
         path = save_png(image, output_dir / "samples.png")
         result["samples"] = str(path)
@@ -299,10 +298,10 @@ def main(cfg: DictConfig) -> float | None:
     """Train; returns cfg.optimized_metric of the final metrics (what Hydra's sweepers minimise)."""
     from omegaconf.errors import InterpolationResolutionError
 
+    from edmlab.checkpoints import IncompatibleCheckpoint
     from edmlab.cli.runlock import RunDirInUse
     from edmlab.cli.validate import ConfigError
     from edmlab.training.module import TrainingDiverged
-    from edmlab.training.resume import IncompatibleCheckpoint
 
     try:
         result = train(cfg)

@@ -5,9 +5,7 @@ from edmlab.training.ema import EMA, PowerFunctionEMA, posthoc_coefficients, rec
 from edmlab.training.fid import FIDCallback
 from edmlab.training.module import EDMModule, LearningRate
 from edmlab.training.progress import KimgProgress
-from edmlab.training.resume import IncompatibleCheckpoint, load_ema_denoiser, resolve_ckpt_path
 from edmlab.training.samples import SampleGrid
 
 __all__ = ["EDMModule", "LearningRate", "EMA", "PowerFunctionEMA", "posthoc_coefficients",
-           "reconstruct_posthoc", "Checkpoint", "SampleGrid", "FIDCallback", "KimgProgress", "IncompatibleCheckpoint",
-           "resolve_ckpt_path", "load_ema_denoiser"]
+           "reconstruct_posthoc", "Checkpoint", "SampleGrid", "FIDCallback", "KimgProgress"]

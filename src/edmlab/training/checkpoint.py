@@ -24,15 +24,14 @@ from typing import Any
 import lightning as L
 import torch
 
+from edmlab.checkpoints.training import CKPT_NAME, EXPORT_NAME, saved_step
 from edmlab.fileio import remove_stale_tmp, tmp_name
 from edmlab.training.progress import StepCallback, tick_name
-from edmlab.training.resume import CKPT_NAME
 
 __all__ = ["Checkpoint", "EXPORT_NAME", "FAULT_ENV", "SAVE_POINTS", "sync_export", "saved_step"]
 
 log = logging.getLogger(__name__)
 
-EXPORT_NAME = "last_ema.pt"  # the EMA denoiser in edmlab's inference format, next to last.ckpt
 # "<point>@<n>": SIGKILL this process right after its n-th save reaches <point> (fault-injection tests)
 FAULT_ENV = "EDMLAB_FAULT_KILL_AFTER"
 SAVE_POINTS = ("ckpt_tmp", "export", "ckpt")  # last.ckpt written to its tmp name, export renamed, last.ckpt renamed
@@ -50,14 +49,6 @@ def _fault_point(point: str, save_count: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def saved_step(path: str | os.PathLike) -> int | None:
-    """The `global_step` recorded in a last.ckpt or an export (None: absent or unreadable)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - missing, truncated or foreign: not a usable step
-        return None
-    step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
-    return int(step) if isinstance(step, int) else None
 
 
 def sync_export(dirpath: str | os.PathLike, create: bool = True) -> str:
@@ -80,8 +71,7 @@ def sync_export(dirpath: str | os.PathLike, create: bool = True) -> str:
     if found == step:
         return "ok"
     was = f"from step {found}" if export.is_file() else "missing"
-    from edmlab.generate import load_denoiser_any
-    from edmlab.interop import save_denoiser
+    from edmlab.checkpoints import load_denoiser_any, save_denoiser
 
     config = (torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("edmlab") or {}).get("config")
     save_denoiser(load_denoiser_any(ckpt, use_ema=True), export, config=config, global_step=step)
@@ -210,7 +200,7 @@ class Checkpoint(StepCallback):
 
     @staticmethod
     def _export(pl_module: L.LightningModule, path: Path, global_step: int) -> None:
-        from edmlab.interop import save_denoiser
+        from edmlab.checkpoints import save_denoiser
 
         save_denoiser(pl_module.ema.module, path, config=pl_module.run_config, global_step=global_step)
 

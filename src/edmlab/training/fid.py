@@ -1,6 +1,6 @@
 """Callback: FID of EMA samples during training, EDM's per-seed protocol, split over the DDP ranks.
 
-Sample k uses seed `seed + k` exactly as `sample.py` draws it (`edmlab.generate.generate_batch`), so the
+Sample k uses seed `seed + k` exactly as `sample.py` draws it (`edmlab.generation.generate_batch`), so the
 images do not depend on the number of ranks. Seeds and reference images are cut into consecutive chunks;
 rank r takes chunks r, r + W, ...; the features of all chunks are gathered and accumulated in chunk order,
 so the statistics, hence the FID, are the same on 1 and on W ranks. Reference statistics of the training
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from edmlab.dist import distributed_env
-from edmlab.generate import generate_batch
+from edmlab.generation import generate_batch
 from edmlab.guidance import guided
 from edmlab.metrics.fid import FeatureStats, Stats, frechet_distance, load_stats, save_stats, select_subset
 from edmlab.training.progress import StepCallback
@@ -83,7 +83,7 @@ def sample_stats(denoiser: torch.nn.Module, sampler: Callable, detector: torch.n
 
 def _digest(module: torch.nn.Module) -> str:
     """A short tag of the feature network's weights, so cached statistics never mix two detectors."""
-    from edmlab.interop import content_hash
+    from edmlab.checkpoints import content_hash
 
     return content_hash(module.state_dict())[:12]
 

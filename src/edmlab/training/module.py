@@ -23,15 +23,14 @@ from torch import nn
 
 import edmlab.training.rng as rng
 from edmlab import loss as losses
+from edmlab.checkpoints.training import CHECKPOINT_KEY, EMA_PREFIX, META_FORMAT, META_VERSION
 from edmlab.training.ema import EMA, PowerFunctionEMA
 
-__all__ = ["EDMModule", "LearningRate", "reference_loss", "CHECKPOINT_KEY", "EMA_PREFIX", "TrainingDiverged"]
+__all__ = ["EDMModule", "LearningRate", "reference_loss", "TrainingDiverged"]
 
 # The EMA copies are in eval mode on purpose (no dropout when sampling from them).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
-CHECKPOINT_KEY = "edmlab"          # checkpoint[CHECKPOINT_KEY]: rebuilds the EMA denoiser without Lightning
-EMA_PREFIX = "ema.module."          # prefix of the EMA denoiser's weights in checkpoint["state_dict"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -273,7 +272,7 @@ class EDMModule(L.LightningModule):
         """What rebuilds the EMA denoiser from a checkpoint: network build kwargs, preconditioning, config."""
         net = self.denoiser.net
         return {
-            "format": "edmlab-lightning", "version": 1,
+            "format": META_FORMAT, "version": META_VERSION,
             "network": dict(getattr(net, "build_config", {})),
             "precond": {"kind": self.denoiser.kind, **self.denoiser.precond_params},
             "config": self.run_config,
@@ -293,7 +292,7 @@ class EDMModule(L.LightningModule):
         meta["counters"] = {"skipped_steps": self.skipped_steps, "nonfinite_losses": self.nonfinite_losses}
         meta["wandb_run_id"] = self.wandb_run_id
         if "state_dict" in checkpoint:  # verified on resume and when sampling from it
-            from edmlab.interop import content_hash
+            from edmlab.checkpoints import content_hash
 
             meta["sha256"] = content_hash(checkpoint["state_dict"])
         checkpoint[CHECKPOINT_KEY] = meta

@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import PIL.Image
 
-from edmlab.grid import render, sample_grid, save_png
+from edmlab.generation.grid import render, sample_grid, save_png
 from edmlab.guidance import guided
 from edmlab.training.progress import StepCallback, tick_name
 

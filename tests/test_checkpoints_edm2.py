@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from edmlab.interop import load_denoiser, read_edm_snapshot, save_denoiser
+from edmlab.checkpoints import load_denoiser, read_edm_snapshot, save_denoiser
 from edmlab.networks import build
 from edmlab.precond import Denoiser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_interop import _SnapshotPickler, pickle_globals  # noqa: E402  (the NVlabs-structure pickle writer)
+from test_checkpoints_edm import _SnapshotPickler, pickle_globals  # noqa: E402  (the NVlabs-structure pickle writer)
 
 EDM2_KWARGS = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8,
                    dropout=0.0)
