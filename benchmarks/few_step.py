@@ -1,6 +1,6 @@
 """Few-step sampling: every solver x grid at 5-35 NFE against an exact ODE solve, as a ratio to EDM's Heun-35.
 
-Imported by benchmarks/solvers.py (its full run writes this section at the top of
+Imported by benchmarks/solvers.py and benchmarks/trained_solvers.py (its full run writes this section at the top of
 benchmarks/results/solvers.md); `python benchmarks/few_step.py` runs this part alone.
 Three analytic laws (16-D and 64-D Gaussian mixtures, the finite set of sklearn's
 digits), evaluation latents from their own seed, pilots for fitted grids from
@@ -26,6 +26,23 @@ NFES = (5, 6, 8, 10, 12, 15, 20, 35)
 FIT_NFES = (6, 8, 10)
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 PILOT_SEED = 7  # fitted grids see these pilots, never the evaluation latents
+
+
+def gaussian_mixture(dim: int = 16, components: int = 8, seed: int = 0) -> analytic.GaussianMixture:
+    """Means uniform in [-1, 1]^d, per-coordinate stds in [0.05, 0.3], unequal weights (a fixed draw)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 0.5 + torch.rand(components, generator=g, dtype=torch.float64)
+    means = 2 * torch.rand(components, dim, generator=g, dtype=torch.float64) - 1
+    stds = 0.05 + 0.25 * torch.rand(components, dim, generator=g, dtype=torch.float64)
+    return analytic.GaussianMixture(weights, means, stds)
+
+
+def digits() -> analytic.FiniteSet:
+    """scikit-learn's bundled 8x8 digits (1,797 points in 64-D; pixel values 0..16 mapped to [-1, 1])."""
+    from sklearn.datasets import load_digits
+
+    return analytic.FiniteSet(torch.from_numpy(load_digits().data / 8.0 - 1.0))
+
 
 
 @dataclass(frozen=True)
@@ -55,8 +72,8 @@ GRIDS = {"edm": {"discretization": "edm"}, "logsnr": {"discretization": "ve"}, "
          "gits": {"discretization": "optimized", "fit": False}}
 
 
-def datasets(fast: bool, gaussian_mixture, digits) -> dict[str, tuple]:
-    """name -> (law, data mean, evaluation samples, pilots), from benchmarks/solvers.py's laws."""
+def datasets(fast: bool) -> dict[str, tuple]:
+    """name -> (law, data mean, evaluation samples, pilots)."""
     n, p = (32, 32) if fast else (128, 64)
     out = {}
     for dim in (16, 64):
@@ -183,13 +200,13 @@ def overhead(repeats: int = 3) -> list[tuple[str, float, float]]:
     return out + [("network (digits demo DDPM++, 8x8x1)", network, 1.0)]
 
 
-def run(gaussian_mixture, digits, fast: bool = False) -> dict:
-    """Everything in this section; `gaussian_mixture(dim)` and `digits()` give the laws."""
+def run(fast: bool = False) -> dict:
+    """Everything in this section."""
     start = time.perf_counter()
     nfes, fitted = ((5, 10, 35), (10,)) if fast else (NFES, FIT_NFES)
     out = {"laws": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, (law, mean, n, pilots)) in enumerate(datasets(fast, gaussian_mixture, digits).items()):
+        for i, (name, (law, mean, n, pilots)) in enumerate(datasets(fast).items()):
             out["laws"][name] = run_law(law, mean, n, pilots, 100 + i, nfes, fitted, Path(tmp) / f"steps{i}.json")
     out["orders"] = measured_orders()
     out["overhead"] = overhead()
@@ -253,7 +270,4 @@ def markdown(res: dict) -> str:
 if __name__ == "__main__":
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import solvers
-
-    print(markdown(run(solvers.gaussian_mixture, solvers.digits, fast="--fast" in sys.argv)))
+    print(markdown(run(fast="--fast" in sys.argv)))

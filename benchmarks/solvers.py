@@ -33,6 +33,10 @@ from edmlab import analytic
 from edmlab.fileio import atomic_write
 from edmlab.sampling import DISCRETIZATIONS, sample, sigma_steps
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import few_step  # noqa: E402
+from few_step import digits, gaussian_mixture  # noqa: E402
+
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 DETERMINISTIC = ("euler", "heun", "ddim", "dpmpp_2m")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,22 +59,6 @@ def configs() -> list[Config]:
     """Every deterministic solver x every grid under EDM's process, plus Heun on EDM's grid under each process."""
     grid = [Config(s, d) for s in DETERMINISTIC for d in DISCRETIZATIONS]
     return grid + [Config("heun", "edm", p) for p in ("vp", "ve", "fm")]
-
-
-def gaussian_mixture(dim: int = 16, components: int = 8, seed: int = 0) -> analytic.GaussianMixture:
-    """Means uniform in [-1, 1]^d, per-coordinate stds in [0.05, 0.3], unequal weights (a fixed draw)."""
-    g = torch.Generator().manual_seed(seed)
-    weights = 0.5 + torch.rand(components, generator=g, dtype=torch.float64)
-    means = 2 * torch.rand(components, dim, generator=g, dtype=torch.float64) - 1
-    stds = 0.05 + 0.25 * torch.rand(components, dim, generator=g, dtype=torch.float64)
-    return analytic.GaussianMixture(weights, means, stds)
-
-
-def digits() -> analytic.FiniteSet:
-    """scikit-learn's bundled 8x8 digits (1,797 points in 64-D; pixel values 0..16 mapped to [-1, 1])."""
-    from sklearn.datasets import load_digits
-
-    return analytic.FiniteSet(torch.from_numpy(load_digits().data / 8.0 - 1.0))
 
 
 def num_steps_for(solver: str, nfe: int) -> int:
@@ -217,10 +205,7 @@ def _run(args: argparse.Namespace) -> dict[str, dict[Config, dict]]:
     meta["seconds"] = time.perf_counter() - start
     few = ""
     if not args.fast:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import few_step
-
-        few = few_step.markdown(few_step.run(gaussian_mixture, digits)) + "\n## Convergence: end-point error vs NFE\n\n"
+        few = few_step.markdown(few_step.run()) + "\n## Convergence: end-point error vs NFE\n\n"
     args.outdir.mkdir(parents=True, exist_ok=True)
     stem = "solvers_fast" if args.fast else "solvers"
     text = markdown(results, meta)
