@@ -116,6 +116,15 @@ def test_float32_network_same_bytes_across_ranks_and_within_one_level_across_bat
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
+def test_to_uint8_is_edms_truncation_for_every_output():
+    """PNG, npz, grid and FID pixels all come from to_uint8: clip(x * 127.5 + 128, 0, 255), truncated."""
+    x = torch.tensor([-2.0, -1.0, -0.999, 0.0, 0.5, 0.9999, 1.0, 3.0], dtype=torch.float64).reshape(1, 2, 1, 4)
+    expected = [[0, 0, 0, 128], [191, 255, 255, 255]]  # 0.5 -> 191.75 -> 191 (not 192)
+    assert to_uint8(x).dtype == torch.uint8 and to_uint8(x)[0, :, 0].tolist() == expected
+    assert to_uint8(x, channels_last=True).shape == (1, 1, 4, 2)
+    assert torch.equal(to_uint8(x, channels_last=True), to_uint8(x).permute(0, 2, 3, 1))
+
+
 def test_npz_matches_pngs_and_ranks_merge(tmp_path):
     denoiser = tiny_denoiser(label_dim=3)
     seeds = [4, 0, 1, 2, 3, 9]
