@@ -26,13 +26,12 @@ def make_sampler(run_dir: Path, **overrides):
 @torch.no_grad()
 def sample_uint8(denoiser, sampler, num: int, device, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [num, C, H, W] samples for seeds 0..num-1 (random class per seed, EDM's protocol), and classes."""
-    from edmlab.generation import generate_batch
+    from edmlab.generation import iterate_batches, to_uint8
 
     images, labels = [], []
-    for lo in range(0, num, batch):
-        x, y = generate_batch(denoiser, range(lo, min(lo + batch, num)), sampler, device=device)
-        images.append((x.float() * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu())
-        labels.append(y.cpu())
+    for b in iterate_batches(denoiser, range(num), sampler, batch_size=batch, device=device):
+        images.append(to_uint8(b.images).cpu())
+        labels.append(b.labels.cpu())
     return torch.cat(images), torch.cat(labels)
 
 

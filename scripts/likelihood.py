@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from edmlab.checkpoints import load_denoiser_any
 from edmlab.cli.sample import CONFIG_DIR, resolve_device  # also registers the config resolvers
+from edmlab.console import progress
 from edmlab.fileio import atomic_write
 from edmlab.likelihood import image_bits_per_dim
 
@@ -44,7 +45,6 @@ def select_images(datamodule, subset: str, max_images: int | None) -> tuple[np.n
 
 def run(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     device = resolve_device(str(cfg.device))
     denoiser = load_denoiser_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device)
@@ -56,11 +56,9 @@ def run(cfg: DictConfig) -> dict:
     seeds = [int(cfg.noise_seed) + int(i) for i in range(len(index))]
     ode = dict(process=str(cfg.process), sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max),
                divergence=str(cfg.divergence), probe=str(cfg.probe), num_steps=int(cfg.num_steps))
-    with Progress(TextColumn("log-likelihood"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not cfg.progress) as bar:
-        task = bar.add_task("images", total=len(index))
+    with progress("log-likelihood", len(index), enabled=bool(cfg.progress)) as advance:
         out = image_bits_per_dim(denoiser, pixels, labels, seeds=seeds, batch_size=int(cfg.batch_size),
-                                 progress=lambda n: bar.update(task, advance=n), **ode)
+                                 progress=advance, **ode)
     bpd = out["bits_per_dim"].numpy()
     summary = {"ckpt": str(cfg.ckpt), "num_images": len(bpd), "subset": str(cfg.subset),
                "conditional": labels is not None and bool(cfg.conditional), **ode,

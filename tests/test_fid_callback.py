@@ -14,12 +14,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from edmlab.data import ArrayImageDataset
-from edmlab.generation import generate_batch
+from edmlab.generation import generate_batch, to_uint8
 from edmlab.metrics.fid import frechet_distance
 from edmlab.networks import build
 from edmlab.precond import Denoiser
 from edmlab.sampling import sample
-from edmlab.training.fid import FIDCallback, reference_stats, sample_stats, to_uint8_nchw
+from edmlab.training.fid import FIDCallback, reference_stats, sample_stats
 
 HEUN = functools.partial(sample, num_steps=3)
 
@@ -52,7 +52,7 @@ def real_images(n: int = 40) -> ArrayImageDataset:
 def direct_fid(denoiser, dataset, seeds, batch: int) -> float:
     """The same FID by hand: EDM's seeds, uint8 images, np.cov statistics of the stand-in features."""
     feats = PixelFeatures()
-    images = torch.cat([to_uint8_nchw(generate_batch(denoiser, seeds[i:i + batch], HEUN)[0])
+    images = torch.cat([to_uint8(generate_batch(denoiser, seeds[i:i + batch], HEUN)[0])
                         for i in range(0, len(seeds), batch)])
     a = feats(images).double().numpy()
     b = feats(torch.from_numpy(dataset.images)).double().numpy()

@@ -19,14 +19,12 @@ from edmlab.checkpoints import load_denoiser_any
 from edmlab.dist import distributed_env
 from edmlab.generation import (
     batches_for_rank,
-    draw_labels,
     generate,
     generate_batch,
     npz_name,
     parse_seeds,
     png_path,
-    seed_generators,
-    to_uint8_nhwc,
+    to_uint8,
 )
 from edmlab.networks import build
 from edmlab.precond import Denoiser
@@ -49,6 +47,11 @@ def tiny_denoiser(label_dim: int = 0, dtype: torch.dtype = torch.float32, seed: 
     return Denoiser(net).to(dtype).eval()
 
 
+def pixels(images: torch.Tensor) -> np.ndarray:
+    """uint8 [N, H, W, C] as the PNG and npz writers store them."""
+    return to_uint8(images, channels_last=True).numpy()
+
+
 def read_pngs(outdir: Path, seeds) -> np.ndarray:
     return np.stack([np.asarray(PIL.Image.open(png_path(outdir, s))) for s in seeds])
 
@@ -57,18 +60,7 @@ def png_bytes(outdir: Path, seeds) -> list[bytes]:
     return [png_path(outdir, s).read_bytes() for s in seeds]
 
 
-# ------------------------------------------------------------------------------------------- seeds and ranks
-
-
-def test_parse_seeds():
-    assert parse_seeds("0-9,20,30-31") == [*range(10), 20, 30, 31]
-    assert parse_seeds(["0-2", 5, "7"]) == [0, 1, 2, 5, 7]
-    assert parse_seeds(7) == [7]
-    assert parse_seeds("0-49999")[-1] == 49999 and len(parse_seeds("0-49999")) == 50000
-    for bad, message in [("5-3", "empty"), ("x", "cannot read"), ("-1", "cannot read"), ("1,0-2", "more than once"),
-                         ("", "no seed")]:
-        with pytest.raises(ValueError, match=message):
-            parse_seeds(bad)
+# ------------------------------------------------------------------------------------------- ranks
 
 
 def test_distributed_env():
@@ -79,15 +71,6 @@ def test_distributed_env():
     assert distributed_env({"LOCAL_RANK": "1", "NODE_RANK": "1", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4"}) == (3, 4)
     with pytest.raises(RuntimeError, match="not in"):
         distributed_env({"RANK": "2", "WORLD_SIZE": "2"})
-
-
-def test_batches_for_rank_partition_the_seeds_in_the_same_batches():
-    seeds = parse_seeds("0-20,40")
-    single = batches_for_rank(seeds, 4)
-    assert [s for b in single for s in b] == seeds and all(len(b) <= 4 for b in single)
-    for world in (2, 3, 7):
-        shards = [batches_for_rank(seeds, 4, r, world) for r in range(world)]
-        assert sorted(map(tuple, (b for shard in shards for b in shard))) == sorted(map(tuple, single))
 
 
 # ------------------------------------------------------------------------------------------- per-seed bytes
@@ -120,34 +103,26 @@ def test_same_bytes_for_batch_sizes_and_ranks(tmp_path, sampler):
 def test_float32_network_same_bytes_across_ranks_and_within_one_level_across_batch_sizes(tmp_path):
     denoiser = tiny_denoiser()
     seeds = list(range(9))
-    single = np.concatenate([to_uint8_nhwc(generate_batch(denoiser, b, HEUN)[0]) for b in batches_for_rank(seeds, 3)])
+    single = np.concatenate([pixels(generate_batch(denoiser, b, HEUN)[0]) for b in batches_for_rank(seeds, 3)])
     ranks = {s: None for s in seeds}
     for rank in range(3):
         for b in batches_for_rank(seeds, 3, rank, 3):
-            for s, img in zip(b, to_uint8_nhwc(generate_batch(denoiser, b, HEUN)[0]), strict=True):
+            for s, img in zip(b, pixels(generate_batch(denoiser, b, HEUN)[0]), strict=True):
                 ranks[s] = img
     np.testing.assert_array_equal(np.stack([ranks[s] for s in seeds]), single)  # same batches, same bytes
-    one_by_one = np.concatenate([to_uint8_nhwc(generate_batch(denoiser, [s], HEUN)[0]) for s in seeds])
+    one_by_one = np.concatenate([pixels(generate_batch(denoiser, [s], HEUN)[0]) for s in seeds])
     # float32 kernels round differently for other batch shapes (~1e-7): at most one level, on few pixels
     diff = np.abs(one_by_one.astype(int) - single.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
-def test_class_label_modes():
-    seeds = [0, 1, 2, 5, 11]
-    gens = seed_generators(seeds)
-    random = draw_labels(gens, seeds, 4, "random")
-    expected = [torch.randint(4, (), generator=torch.Generator().manual_seed(s)) for s in seeds]
-    assert random.tolist() == [e.item() for e in expected]  # one draw per seed's generator (latents skipped here)
-    assert draw_labels(seed_generators(seeds), seeds, 4, "all").tolist() == [s % 4 for s in seeds]
-    assert draw_labels(seed_generators(seeds), seeds, 4, 2).tolist() == [2] * 5
-    assert draw_labels(seed_generators(seeds), seeds, 0, "random") is None
-    with pytest.raises(ValueError, match="unconditional"):
-        draw_labels(seed_generators(seeds), seeds, 0, 1)
-    with pytest.raises(ValueError, match="not a class"):
-        draw_labels(seed_generators(seeds), seeds, 4, 4)
-    with pytest.raises(ValueError, match="'random' or 'all'"):
-        draw_labels(seed_generators(seeds), seeds, 4, "every")
+def test_to_uint8_is_edms_truncation_for_every_output():
+    """PNG, npz, grid and FID pixels all come from to_uint8: clip(x * 127.5 + 128, 0, 255), truncated."""
+    x = torch.tensor([-2.0, -1.0, -0.999, 0.0, 0.5, 0.9999, 1.0, 3.0], dtype=torch.float64).reshape(1, 2, 1, 4)
+    expected = [[0, 0, 0, 128], [191, 255, 255, 255]]  # 0.5 -> 191.75 -> 191 (not 192)
+    assert to_uint8(x).dtype == torch.uint8 and to_uint8(x)[0, :, 0].tolist() == expected
+    assert to_uint8(x, channels_last=True).shape == (1, 1, 4, 2)
+    assert torch.equal(to_uint8(x, channels_last=True), to_uint8(x).permute(0, 2, 3, 1))
 
 
 def test_npz_matches_pngs_and_ranks_merge(tmp_path):
@@ -225,7 +200,7 @@ def test_killed_run_restarts_with_exactly_the_missing_seeds(tmp_path):
     denoiser = load_denoiser_any(ckpt)
     sampler = functools.partial(sample, num_steps=2)
     for batch in batches_for_rank(range(n), 2)[max(first_missing // 2 - 2, 0):first_missing // 2 + 3]:
-        expected = to_uint8_nhwc(generate_batch(denoiser, batch, sampler)[0])[..., 0]
+        expected = pixels(generate_batch(denoiser, batch, sampler)[0])[..., 0]
         np.testing.assert_array_equal(read_pngs(outdir, batch), expected)
 
 
@@ -233,7 +208,7 @@ def test_killed_run_restarts_with_exactly_the_missing_seeds(tmp_path):
 
 
 def four_images(denoiser) -> np.ndarray:
-    return to_uint8_nhwc(generate_batch(denoiser, [0, 1, 2, 3], HEUN)[0])
+    return pixels(generate_batch(denoiser, [0, 1, 2, 3], HEUN)[0])
 
 
 def test_exported_checkpoint(tmp_path):
@@ -307,7 +282,7 @@ def test_cli_run_in_process(tmp_path):
     with np.load(tmp_path / "out" / npz_name([0, 1, 2, 7])) as f:
         assert f["seeds"].tolist() == [0, 1, 2, 7] and f["labels"].tolist() == [2] * 4
         euler = functools.partial(sample, solver="euler", num_steps=3)
-        expected = to_uint8_nhwc(generate_batch(load_denoiser_any(ckpt), [0, 1, 2], euler, class_labels=2)[0])
+        expected = pixels(generate_batch(load_denoiser_any(ckpt), [0, 1, 2], euler, class_labels=2)[0])
         np.testing.assert_array_equal(f["images"][:3], expected)
 
 

@@ -190,10 +190,11 @@ def test_sample_cli_guidance(tmp_path):
     """`python sample.py ckpt=... guidance=2 guide=... guidance_interval=[...]` = generate() on the guided denoiser."""
     import numpy as np
     from hydra import compose, initialize_config_dir
+    from test_generate import pixels
 
     from edmlab.checkpoints import load_denoiser_any
     from edmlab.cli.sample import CONFIG_DIR, run
-    from edmlab.generation import generate_batch, npz_name, to_uint8_nhwc
+    from edmlab.generation import generate_batch, npz_name
 
     ckpt, weak = tiny_checkpoint(tmp_path / "a.pt", 0), tiny_checkpoint(tmp_path / "b.pt", 1)
     common = [f"ckpt={ckpt}", "seeds=0-2", "num_steps=4", "format=npz", "progress=false", "device=cpu"]
@@ -209,7 +210,7 @@ def test_sample_cli_guidance(tmp_path):
             run(compose("sample", overrides=[*common, *extra, f"outdir={out}"]))
         with np.load(out / npz_name([0, 1, 2])) as f:
             images = f["images"]
-        np.testing.assert_array_equal(images, to_uint8_nhwc(generate_batch(wrapped, [0, 1, 2], heun)[0]))
+        np.testing.assert_array_equal(images, pixels(generate_batch(wrapped, [0, 1, 2], heun)[0]))
         if not extra:
             unguided = images
     assert not np.array_equal(images, unguided)
@@ -220,15 +221,15 @@ def test_preview_grid_takes_a_guidance_setting():
 
     import numpy as np
 
-    from edmlab.generation.grid import render, sample_grid
+    from edmlab.generation.grid import preview_samples, render
     from edmlab.training.samples import draw_samples
 
     denoiser = Denoiser(tiny_network(0)).eval()
     module = SimpleNamespace(ema=SimpleNamespace(module=denoiser), data_shape=[1, 8, 8], label_dim=3, device="cpu")
     heun = functools.partial(sample, solver="heun", num_steps=4)
     image = np.asarray(draw_samples(module, heun, per_class=2, guidance=2.0, guidance_interval=[0.1, 10.0]))
-    expected = render(*sample_grid(GuidedDenoiser(denoiser, 2.0, interval=(0.1, 10.0)), heun, [1, 8, 8],
-                                   label_dim=3, per_class=2), per_class=2)
+    expected = render(*preview_samples(GuidedDenoiser(denoiser, 2.0, interval=(0.1, 10.0)), heun, [1, 8, 8],
+                                       per_class=2), per_class=2)
     np.testing.assert_array_equal(image, np.asarray(expected))
     assert not np.array_equal(image, np.asarray(draw_samples(module, heun, per_class=2)))
 

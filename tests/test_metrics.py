@@ -144,15 +144,6 @@ def test_select_subset_follows_edm_max_size_rule():
     assert F.select_subset(1000, 100, seed=1).tolist() != idx.tolist()
 
 
-def test_parse_seeds():
-    assert F.parse_seeds("0-3,7, 9-10") == [0, 1, 2, 3, 7, 9, 10]
-    assert F.parse_seeds([5, 6]) == [5, 6]
-    assert len(F.parse_seeds(F.EDM_SEED_RANGES[2])) == 50_000
-    for bad in ("a-b", "5-1", ""):
-        with pytest.raises(ValueError, match="bad seeds"):
-            F.parse_seeds(bad)
-
-
 def test_stats_npz_roundtrip_and_errors(tmp_path):
     stats = F.Stats(np.arange(3.0), np.eye(3), 5, np.ones((5, 3), np.float32))
     F.save_stats(tmp_path / "s.npz", stats, features=True)

@@ -54,3 +54,15 @@ def test_sample_py_generates_without_importing_lightning(tmp_path):
     assert loaded == []
     images = [np.asarray(PIL.Image.open(outdir / "000000" / f"{s:06d}.png")) for s in (0, 1)]
     assert [im.shape for im in images] == [(8, 8), (8, 8)]
+
+
+def test_metrics_and_generation_import_light():
+    """metrics/ parses seeds with generation/'s parser: neither pulls Lightning, Hydra, rich or PIL on import."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    probe = ("import json, sys, edmlab.metrics, edmlab.generation, edmlab.console; "
+             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert "edmlab" in loaded and "torch" in loaded
+    assert not loaded & {"lightning", "pytorch_lightning", "hydra", "omegaconf", "rich", "PIL"}

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from edmlab.console import progress
 from edmlab.data.images import ImageDataset, check_labels
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,6 @@ class ImageFolderDataset(ImageDataset):
 
     def _full_check(self, on_error: str) -> None:
         """Decode every image (or read the cached result of an earlier check of the same files)."""
-        from rich.progress import track
-
         key, cache = self._fingerprint(), self._cache_path()
         try:
             cached = json.loads(cache.read_text())
@@ -184,12 +183,13 @@ class ImageFolderDataset(ImageDataset):
             bad = None
         if bad is None:
             bad = {}
-            for i in track(range(len(self.names)), description=f"checking {len(self.names)} images",
-                           transient=True):
-                try:
-                    self._decode_file(self.names[i])
-                except ValueError as e:
-                    bad[self.names[i]] = str(e)
+            with progress(f"checking {len(self.names)} images", len(self.names), transient=True) as advance:
+                for name in self.names:
+                    try:
+                        self._decode_file(name)
+                    except ValueError as e:
+                        bad[name] = str(e)
+                    advance(1)
             try:
                 from edmlab.fileio import atomic_write
 

@@ -1,14 +1,15 @@
-"""Fixed-seed sample grids: one row per class for conditional models, drawn with per-seed generators.
+"""Image grids: the training preview's samples, and pictures of samples (a grid of images, a 2-D scatter plot).
 
-Images become a PIL grid (pixels = clip(x * 127.5 + 128, 0, 255), EDM `generate.py`);
-2-D points become a scatter plot coloured by class.
+The preview draws seed `seed + i` exactly as sample.py does (`generate_batch`: latents, class draw, sampler
+noise), so its image for seed s and class c is sample.py's image for seed s with class_labels=c.
+Images become pixels through `edmlab.generation.pixels.to_uint8` (EDM's rounding).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,43 +18,35 @@ import PIL.ImageDraw
 import torch
 
 from edmlab.fileio import atomic_write
+from edmlab.generation.batches import Sampler, generate_batch
+from edmlab.generation.pixels import to_uint8
 
-__all__ = ["sample_grid", "to_uint8", "image_grid", "scatter_plot", "render", "save_png"]
+__all__ = ["preview_samples", "image_grid", "scatter_plot", "render", "save_png"]
 
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
             (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 @torch.no_grad()
-def sample_grid(denoiser: torch.nn.Module, sampler: Callable[..., torch.Tensor], data_shape: Sequence[int], *,
-                label_dim: int, per_class: int = 10, num_unconditional: int = 64, seed: int = 0,
-                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Samples [n, *data_shape] for seeds seed, seed+1, ... and their class labels (row r = class r).
+def preview_samples(denoiser: torch.nn.Module, sampler: Sampler, shape: Sequence[int], *, per_class: int = 10,
+                    num_unconditional: int = 64, seed: int = 0,
+                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The preview grid's samples [n, *shape] for seeds seed, seed + 1, ... and their classes [n] (or None).
 
-    Each image has its own generator (latents first, then the sampler's noise), so it depends
-    only on its seed, not on the batch (EDM `generate.py`).
+    A conditional network gives `per_class` seeds to each class in turn (row r = class r); an unconditional one
+    `num_unconditional` seeds.
     """
-    device = torch.device(device or next(denoiser.parameters()).device)
+    label_dim = int(getattr(denoiser, "label_dim", 0))
     n = label_dim * per_class if label_dim else num_unconditional
-    gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
-    latents = torch.stack([torch.randn(tuple(data_shape), generator=g, device=device) for g in gens])
-    labels = None
-    if label_dim:
-        labels = torch.eye(label_dim, device=device).repeat_interleave(per_class, dim=0)
-    images = sampler(denoiser, latents, class_labels=labels, generator=gens)
-    return images, labels
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float -> uint8 with EDM's rounding (x * 127.5 + 128, clipped, truncated)."""
-    return (images.float() * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu().numpy()
+    classes = [c for c in range(label_dim) for _ in range(per_class)] if label_dim else "random"
+    return generate_batch(denoiser, range(seed, seed + n), sampler, shape=shape, class_labels=classes, device=device)
 
 
 def image_grid(images: torch.Tensor, ncol: int, pad: int = 1) -> PIL.Image.Image:
     """A [n, C, H, W] batch in [-1, 1] as one grid image, row-major with `ncol` columns."""
     n, c, h, w = images.shape
     nrow = math.ceil(n / ncol)
-    pix = to_uint8(images)
+    pix = to_uint8(images).cpu().numpy()
     canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, ncol)
@@ -67,14 +60,14 @@ def image_grid(images: torch.Tensor, ncol: int, pad: int = 1) -> PIL.Image.Image
 
 def scatter_plot(points: torch.Tensor, labels: torch.Tensor | None = None, size: int = 512,
                  extent: float | None = None) -> PIL.Image.Image:
-    """2-D points [n, 2] on a white square, coloured by class (argmax of one-hot labels)."""
+    """2-D points [n, 2] on a white square, coloured by class (class indices [n])."""
     xy = points.detach().float().cpu().numpy()
     if extent is None:
         finite = xy[np.isfinite(xy).all(1)]
         extent = float(np.abs(finite).max()) * 1.1 if len(finite) else 1.0
     img = PIL.Image.new("RGB", (size, size), "white")
     draw = PIL.ImageDraw.Draw(img)
-    cls = labels.argmax(1).cpu().numpy() if labels is not None else np.zeros(len(xy), dtype=int)
+    cls = labels.cpu().numpy() if labels is not None else np.zeros(len(xy), dtype=int)
     scale = (size - 1) / (2 * max(extent, 1e-12))
     for (x, y), k in zip(xy, cls, strict=True):
         if np.isfinite(x) and np.isfinite(y):

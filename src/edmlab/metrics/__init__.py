@@ -13,7 +13,6 @@ from edmlab.metrics.fid import (
     compute_stats,
     frechet_distance,
     load_stats,
-    parse_seeds,
     ref,
     save_stats,
     select_subset,
@@ -22,6 +21,6 @@ from edmlab.metrics.inception import InceptionV3FID, InceptionWeightsError, reso
 
 __all__ = [
     "EDM_SEED_RANGES", "FID_NUM", "FIDRun", "FeatureStats", "InceptionV3FID", "InceptionWeightsError",
-    "Stats", "calc", "compute_stats", "frechet_distance", "load_stats", "parse_seeds", "ref",
+    "Stats", "calc", "compute_stats", "frechet_distance", "load_stats", "ref",
     "resolve_weights", "save_stats", "select_subset",
 ]

@@ -10,11 +10,10 @@ minimum over several runs, the paper's minimum over three seed ranges. Statistic
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,9 @@ import scipy.linalg
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from edmlab import console
 from edmlab.fileio import atomic_write
+from edmlab.generation.seeds import parse_seeds
 from edmlab.metrics.inception import InceptionV3FID, cache_dir, download, is_offline
 
 FID_NUM = 50_000                                     # EDM: --num default, and images per seed range
@@ -104,20 +105,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(np.real(np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - 2 * covmean)))
 
 
-def parse_seeds(spec: str | Sequence[int]) -> list[int]:
-    """'0-49999' or '0,5,10-19' (inclusive ranges, as EDM's --seeds) -> list of ints."""
-    if not isinstance(spec, str):
-        return [int(s) for s in spec]
-    seeds: list[int] = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise ValueError(f"bad seeds {spec!r}: expected comma-separated ints or ranges like 0-49999")
-        lo = int(m.group(1))
-        seeds.extend(range(lo, int(m.group(2) or lo) + 1))
-    return seeds
-
-
 def select_subset(n: int, num: int | None, seed: int = 0) -> np.ndarray:
     """EDM's max_size rule: all indices, or `num` of them chosen by a seeded shuffle and kept in order."""
     idx = np.arange(n, dtype=np.int64)
@@ -168,16 +155,6 @@ def _as_dataset(source) -> tuple[Dataset, str | None]:
                     f"array")
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str, total: int) -> Iterator:
-    from rich import progress as rp
-
-    with rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                     rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), disable=not enabled) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -214,7 +191,7 @@ def compute_stats(source, detector: torch.nn.Module | None = None, *,
     loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     stats = FeatureStats(keep_features)
-    with _progress(progress, f"Inception features of {where}", len(idx)) as advance, torch.no_grad():
+    with console.progress(f"Inception features of {where}", len(idx), enabled=progress) as advance, torch.no_grad():
         for batch in loader:
             images = batch[0] if isinstance(batch, list | tuple) else batch
             stats.update(detector(images.to(device, non_blocking=True)))

@@ -297,7 +297,7 @@ class InceptionV3FID(nn.Module):
         """uint8 [N, C, H, W] (C = 1 or 3) -> float32 features [N, feature_dim]."""
         if images.dtype != torch.uint8:
             raise TypeError(f"InceptionV3FID takes uint8 images in [0, 255], got {images.dtype}; convert "
-                            f"[-1, 1] floats with (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)")
+                            f"[-1, 1] floats with edmlab.generation.to_uint8")
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected images [N, 1 or 3, H, W], got shape {tuple(images.shape)}")
         x = images.to(torch.float32).expand(-1, 3, -1, -1)

@@ -1,6 +1,6 @@
 """Callback: FID of EMA samples during training, EDM's per-seed protocol, split over the DDP ranks.
 
-Sample k uses seed `seed + k` exactly as `sample.py` draws it (`edmlab.generation.generate_batch`), so the
+Sample k uses seed `seed + k` exactly as `sample.py` draws it (`edmlab.generation.iterate_batches`), so the
 images do not depend on the number of ranks. Seeds and reference images are cut into consecutive chunks;
 rank r takes chunks r, r + W, ...; the features of all chunks are gathered and accumulated in chunk order,
 so the statistics, hence the FID, are the same on 1 and on W ranks. Reference statistics of the training
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -21,30 +22,23 @@ import numpy as np
 import torch
 
 from edmlab.dist import distributed_env
-from edmlab.generation import generate_batch
+from edmlab.generation import iterate_batches, to_uint8
 from edmlab.guidance import guided
 from edmlab.metrics.fid import FeatureStats, Stats, frechet_distance, load_stats, save_stats, select_subset
 from edmlab.training.progress import StepCallback
 
-__all__ = ["FIDCallback", "gather_in_order", "reference_stats", "sample_stats", "to_uint8_nchw"]
+__all__ = ["FIDCallback", "gather_in_order", "reference_stats", "sample_stats"]
 
 log = logging.getLogger(__name__)
 
 
-def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 with EDM's rounding (x * 127.5 + 128, clipped, truncated)."""
-    return (images.float() * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-
-def gather_in_order(chunks: Sequence, compute: Callable[[object], np.ndarray], rank: int = 0,
-                    world: int = 1) -> list[np.ndarray]:
-    """compute(chunk) for every chunk, rank r doing chunks r::world, returned to every rank in chunk order."""
-    mine = {i: compute(chunks[i]) for i in range(rank, len(chunks), world)}
+def gather_in_order(mine: dict[int, np.ndarray], count: int, world: int = 1) -> list[np.ndarray]:
+    """Each rank's results {chunk index: array} for chunks 0 .. count - 1, gathered to every rank in chunk order."""
     if world > 1:
         parts: list[dict[int, np.ndarray] | None] = [None] * world
         torch.distributed.all_gather_object(parts, mine)
         mine = {i: f for part in parts for i, f in part.items()}
-    return [mine[i] for i in range(len(chunks))]
+    return [mine[i] for i in range(count)]
 
 
 def _stats(features: list[np.ndarray]) -> Stats:
@@ -65,20 +59,18 @@ def reference_stats(dataset, detector: torch.nn.Module, *, num: int | None = Non
     idx = select_subset(len(dataset), num)
     chunks = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     load = lambda c: torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in c]).to(device)
-    return _stats(gather_in_order(chunks, lambda c: _features(detector, load(c)), rank, world))
+    mine = {i: _features(detector, load(chunks[i])) for i in range(rank, len(chunks), world)}
+    return _stats(gather_in_order(mine, len(chunks), world))
 
 
 def sample_stats(denoiser: torch.nn.Module, sampler: Callable, detector: torch.nn.Module, seeds: Sequence[int], *,
                  batch_size: int = 250, device: torch.device | str = "cpu", rank: int = 0, world: int = 1) -> Stats:
-    """Statistics of one sample per seed (sample.py's draws), sharded over ranks."""
+    """Statistics of one sample per seed (sample.py's draws, `iterate_batches`), sharded over ranks."""
     seeds = list(seeds)
-    chunks = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-
-    def compute(chunk: list[int]) -> np.ndarray:
-        images, _ = generate_batch(denoiser, chunk, sampler, device=device)
-        return _features(detector, to_uint8_nchw(images))
-
-    return _stats(gather_in_order(chunks, compute, rank, world))
+    batches = iterate_batches(denoiser, seeds, sampler, batch_size=batch_size, rank=rank, world_size=world,
+                              device=device)
+    mine = {b.index: _features(detector, to_uint8(b.images)) for b in batches}
+    return _stats(gather_in_order(mine, math.ceil(len(seeds) / batch_size), world))
 
 
 def _digest(module: torch.nn.Module) -> str:

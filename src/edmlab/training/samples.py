@@ -1,4 +1,7 @@
-"""Callback: a fixed-seed grid from the EMA denoiser every N kimg, saved as PNG and sent to the loggers."""
+"""Callback: a fixed-seed grid from the EMA denoiser every N kimg, saved as PNG and sent to the loggers.
+
+Image i of the grid is sample.py's image for seed `seed + i` and its row's class (`preview_samples`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import lightning as L
 import numpy as np
 import PIL.Image
 
-from edmlab.generation.grid import render, sample_grid, save_png
+from edmlab.generation.grid import preview_samples, render, save_png
 from edmlab.guidance import guided
 from edmlab.training.progress import StepCallback, tick_name
 
@@ -27,9 +30,8 @@ def draw_samples(pl_module: L.LightningModule, sampler: Callable, *, per_class: 
     guidance = w != 1 draws with classifier-free guidance (conditional models only).
     """
     denoiser = guided(pl_module.ema.module, guidance, interval=guidance_interval)
-    samples, labels = sample_grid(denoiser, sampler, pl_module.data_shape,
-                                  label_dim=pl_module.label_dim, per_class=per_class,
-                                  num_unconditional=num_unconditional, seed=seed, device=pl_module.device)
+    samples, labels = preview_samples(denoiser, sampler, pl_module.data_shape, per_class=per_class,
+                                      num_unconditional=num_unconditional, seed=seed, device=pl_module.device)
     return render(samples, labels, per_class, scale=scale)
 
 

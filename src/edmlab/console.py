@@ -1,4 +1,10 @@
-"""Progress of long loops over images: a rich bar (img/s, ETA) on a terminal, else a log line every 30 s."""
+"""Progress of long loops over images (sampling, Inception features, image checks, likelihoods).
+
+A rich bar (img/s, ETA) on a terminal; elsewhere (cluster log files) a log line every 30 s and one at the end.
+The module is named for where the output goes, not `progress`, so that it is never confused with
+`edmlab.training.progress` (the Lightning callback that counts training kimg). It imports neither Lightning
+nor any other edmlab package, so data/, metrics/ and generation/ can all use it.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["progress"]
+__all__ = ["progress", "LOG_EVERY_SECONDS"]
 
 log = logging.getLogger(__name__)
 
+LOG_EVERY_SECONDS = 30.0
+
 
 @contextmanager
-def progress(total: int, enabled: bool, label: str) -> Iterator[Callable[[int], None]]:
-    """A rich bar (img/s, ETA) on a terminal, else a status line every 30 s; yields advance(n)."""
+def progress(label: str, total: int, *, enabled: bool = True,
+             transient: bool = False) -> Iterator[Callable[[int], None]]:
+    """Show the progress of `total` images under `label`; yields advance(n), to call after every n images.
+
+    transient=True removes the bar when the loop ends (terminal only).
+    """
     start = last = time.perf_counter()
     done = 0
     if enabled and total and sys.stderr.isatty():
@@ -24,7 +36,7 @@ def progress(total: int, enabled: bool, label: str) -> Iterator[Callable[[int], 
 
         columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]} img/s"), TextColumn("ETA"), TimeRemainingColumn()]
-        with Progress(*columns, transient=False) as bar:
+        with Progress(*columns, transient=transient) as bar:
             task = bar.add_task(label, total=total, rate="?")
 
             def advance(n: int) -> None:
@@ -38,10 +50,10 @@ def progress(total: int, enabled: bool, label: str) -> Iterator[Callable[[int], 
             nonlocal done, last
             done += n
             now = time.perf_counter()
-            if enabled and (now - last >= 30 or done == total):
+            if enabled and (now - last >= LOG_EVERY_SECONDS or done == total):
                 rate = done / max(now - start, 1e-9)
                 eta = (total - done) / rate if rate > 0 else math.inf
-                log.info(f"{label} {done}/{total} images, {rate:.1f} img/s, ETA {eta:.0f} s")
+                log.info(f"{label}: {done}/{total} images, {rate:.1f} img/s, ETA {eta:.0f} s")
                 last = now
 
         yield advance
