@@ -1,4 +1,5 @@
-"""edmlab.checkpoints: the one resolver (file, run folder, `last`) and `load_any` reporting what it loaded."""
+"""edmlab.checkpoints: the one resolver (file, run folder, `last`), `load_any` reporting what it loaded, and the
+version check of a training checkpoint's metadata."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from test_checkpoints_edm import edm_network, write_edm_snapshot
 from test_checkpoints_edm2 import edm2_denoiser, write_edm2_snapshot
 
 from edmlab.checkpoints import (
+    CheckpointFormatError,
+    IncompatibleCheckpoint,
     Loaded,
     content_hash,
     load_any,
+    load_training_checkpoint,
     resolve,
     save_denoiser,
 )
@@ -148,3 +152,32 @@ def test_edm_and_edm2_pickles_report_their_kind(tmp_path):
     assert (loaded.kind, loaded.path, loaded.step) == ("edm2-pickle", edm2, None)
     assert loaded.meta["precond_class"] == "Precond" and loaded.meta["encoder"]["kind"] == "sd_vae"
 
+
+# ------------------------------------------------------------------------------------------- metadata version
+
+
+@pytest.mark.parametrize("meta, found", [
+    ({"format": "someone-else"}, f"format 'someone-else' version {META_VERSION}"),
+    ({"version": META_VERSION + 1}, f"format '{META_FORMAT}' version {META_VERSION + 1}"),
+])
+def test_another_format_or_a_newer_version_is_refused_naming_both(tmp_path, meta, found):
+    path, _, _ = write_training_checkpoint(tmp_path / "last.ckpt", **meta)
+    reads = f"this edmlab reads format '{META_FORMAT}' up to version {META_VERSION}"
+    with pytest.raises(IncompatibleCheckpoint) as err:
+        load_training_checkpoint(path)
+    assert str(err.value).startswith(f"cannot resume: {path}: ") and found in str(err.value)
+    assert reads in str(err.value)
+    with pytest.raises(CheckpointFormatError) as err:
+        load_any(path)
+    assert str(err.value).startswith(f"{path}: ") and found in str(err.value) and reads in str(err.value)
+
+
+def test_metadata_without_format_and_version_is_an_older_edmlab_file(tmp_path):
+    path, ema, _ = write_training_checkpoint(tmp_path / "last.ckpt")
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["edmlab"]["format"], ckpt["edmlab"]["version"]
+    torch.save(ckpt, path)
+    assert load_training_checkpoint(path)["global_step"] == 12
+    assert same_weights(load_any(path).denoiser, ema)
+    older = write_training_checkpoint(tmp_path / "older.ckpt", version=0)[0]  # older versions are read too
+    assert load_training_checkpoint(older)["edmlab"]["version"] == 0
