@@ -49,7 +49,7 @@ def sweep(run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     import edmlab.cli  # noqa: F401 - resolvers of the stored config
-    from edmlab.checkpoints import load_denoiser_any
+    from edmlab.checkpoints import load_any
     from edmlab.training.phema import list_snapshots, reconstruct_denoiser
 
     ckpts = run_dir / "checkpoints"
@@ -66,11 +66,11 @@ def sweep(run_dir: Path) -> dict:
         timings.setdefault("reconstruct", []).append(time.perf_counter() - t0)
         rows.append((f"post-hoc sigma_rel {sigma_rel:.2f}", gaussian_fd(samples(denoiser, sampler), x)))
     for name, use_ema in (("EDM EMA (last_ema.pt, half-life 10 kimg)", True), ("raw weights", False)):
-        denoiser = load_denoiser_any(ckpts / "last.ckpt", use_ema=use_ema)
+        denoiser = load_any(ckpts / "last.ckpt", use_ema=use_ema).denoiser
         rows.append((name, gaussian_fd(samples(denoiser, sampler), x)))
     floor = gaussian_fd(x[half[: len(x) // 2]], x[half[len(x) // 2:]])
     ckpt = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
-    u = load_denoiser_any(ckpts / "last.ckpt").logvar(torch.log(torch.tensor([0.01, 0.1, 0.5, 1.0, 5.0, 50.0])) / 4)
+    u = load_any(ckpts / "last.ckpt").denoiser.logvar(torch.log(torch.tensor([0.01, 0.1, 0.5, 1.0, 5.0, 50.0])) / 4)
     return {"rows": rows, "floor": floor, "seconds": time.perf_counter() - start, "steps": ckpt["global_step"],
             "meta": ckpt["edmlab"], "snapshots": len(snapshots),
             "reconstruct_seconds": float(np.mean(timings["reconstruct"])), "u": u.flatten().tolist()}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from edmlab.checkpoints import load_denoiser_any
+from edmlab.checkpoints import load_any
 from edmlab.cli.sample import CONFIG_DIR, resolve_device  # also registers the config resolvers
 from edmlab.console import progress
 from edmlab.fileio import atomic_write
@@ -47,7 +47,7 @@ def run(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
 
     device = resolve_device(str(cfg.device))
-    denoiser = load_denoiser_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device)
+    denoiser = load_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device).denoiser
     index, pixels, labels = select_images(instantiate(cfg.data), str(cfg.subset), cfg.max_images)
     if denoiser.label_dim == 0 or labels.shape[1] == 0:
         labels = None

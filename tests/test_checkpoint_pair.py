@@ -51,9 +51,9 @@ def _check_usable(folder: Path) -> tuple[int | None, int | None]:
 
 
 def _export_is_the_ema_of(folder: Path) -> None:
-    from edmlab.checkpoints import load_denoiser, load_denoiser_any
+    from edmlab.checkpoints import load_any, load_denoiser
 
-    exported, rebuilt = load_denoiser(folder / EXPORT_NAME), load_denoiser_any(folder / "last.ckpt")
+    exported, rebuilt = load_denoiser(folder / EXPORT_NAME), load_any(folder / "last.ckpt").denoiser
     for (name, a), (_, b) in zip(exported.state_dict().items(), rebuilt.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 

@@ -16,8 +16,8 @@ from torch import nn
 from edmlab.checkpoints import (
     CheckpointFormatError,
     UnsafePickleError,
+    load_any,
     load_denoiser,
-    load_denoiser_any,
     load_edm_pickle,
     read_edm_snapshot,
     save_denoiser,
@@ -329,7 +329,7 @@ def test_converted_checkpoint_round_trips_bit_for_bit(tmp_path):
     with torch.no_grad():
         for args in ((x, sigma), (x, sigma, labels), (x, sigma, labels, augment), (x.double(), sigma)):
             assert torch.equal(original(*args), restored(*args))
-    assert torch.equal(load_denoiser_any(dst)(x, sigma), load_denoiser_any(src)(x, sigma))
+    assert torch.equal(load_any(dst).denoiser(x, sigma), load_any(src).denoiser(x, sigma))
 
 
 def test_save_denoiser_keeps_config_and_mlp(tmp_path):
@@ -390,4 +390,4 @@ def test_non_edm_files_say_so(tmp_path):
     torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6"}, tmp_path / "last.ckpt")
     with pytest.raises(CheckpointFormatError, match="Lightning training checkpoint"):
         load_denoiser(tmp_path / "last.ckpt")
-    assert math.isfinite(load_denoiser_any(ours)(torch.zeros(1, 3, 8, 8), 1.0).sum().item())
+    assert math.isfinite(load_any(ours).denoiser(torch.zeros(1, 3, 8, 8), 1.0).sum().item())

@@ -12,8 +12,8 @@ from test_train import compose_cfg, tiny
 from edmlab.checkpoints import (
     CheckpointFormatError,
     IncompatibleCheckpoint,
+    load_any,
     load_denoiser,
-    load_denoiser_any,
     save_denoiser,
 )
 from edmlab.cli.train import train
@@ -43,7 +43,7 @@ def test_bit_flip_in_an_export_is_refused_unless_skipped(tmp_path):
     with pytest.raises(CheckpointFormatError, match="do not match the content hash stored at save time"):
         load_denoiser(path)
     with pytest.raises(CheckpointFormatError, match="content hash"):
-        load_denoiser_any(path)
+        load_any(path)
     flipped = load_denoiser(path, verify=False)  # skippable: loads the damaged weights as they are
     differs = [not torch.equal(a, b) for a, b in zip(flipped.state_dict().values(), Denoiser(net).state_dict().values(),
                                                       strict=True)]
@@ -54,9 +54,9 @@ def test_bit_flip_in_last_ckpt_is_refused_on_resume_and_sampling(tmp_path):
     train(compose_cfg(tmp_path, [*tiny("toy2d"), "trainer.max_steps=2", "final_samples=null"]))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert len(torch.load(ckpt, weights_only=True)["edmlab"]["sha256"]) == 64
-    load_denoiser_any(ckpt)
+    load_any(ckpt)
     flip_one_bit(ckpt)
     with pytest.raises(CheckpointFormatError, match="content hash"):
-        load_denoiser_any(ckpt)
+        load_any(ckpt)
     with pytest.raises(IncompatibleCheckpoint, match="cannot resume: .*content hash.*verify_checkpoint=false"):
         train(compose_cfg(tmp_path / "again", [*tiny("toy2d"), "trainer.max_steps=3", f"ckpt_path={ckpt}"]))

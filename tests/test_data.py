@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -20,6 +21,7 @@ import PIL.Image
 import pytest
 import torch
 
+from edmlab.checkpoints.safe_pickle import SNAPSHOT_GLOBALS, AllowlistUnpickler
 from edmlab.data import (
     ArrayImageDataset,
     AugmentPipe,
@@ -27,7 +29,6 @@ from edmlab.data import (
     DigitsDataset,
     ImageDataModule,
     ImageFolderDataset,
-    RestrictedUnpickler,
     Toy2DDataset,
     VectorDataModule,
     open_images,
@@ -35,6 +36,7 @@ from edmlab.data import (
     split_batch,
 )
 from edmlab.data.augment import affine_resample, rotate2d, translate2d
+from edmlab.data.cifar10 import BATCH_GLOBALS
 
 # --------------------------------------------------------------------------------------------------------
 # CIFAR-10
@@ -134,7 +136,21 @@ def test_cifar_tampered_batch_cannot_run_code(tmp_path):
     assert not marker.exists()
     # Any global outside the allowlist is refused before it is called.
     with pytest.raises(pickle.UnpicklingError, match="builtins.eval"):
-        RestrictedUnpickler(io.BytesIO(pickle.dumps(eval))).load()
+        AllowlistUnpickler(io.BytesIO(pickle.dumps(eval)), BATCH_GLOBALS).load()
+
+
+def test_cifar_reader_refuses_what_only_edm_snapshots_may_hold():
+    """The unpickler is shared with EDM snapshots; CIFAR's allowlist is not: an OrderedDict or a torch dtype,
+    fine in a snapshot, is refused in a batch."""
+    assert set(BATCH_GLOBALS.globals) == {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    for value, name in ((collections.OrderedDict(a=1), "collections.OrderedDict"), (torch.float16, "torch.float16")):
+        blob = pickle.dumps(value, protocol=2)
+        assert AllowlistUnpickler(io.BytesIO(blob), SNAPSHOT_GLOBALS).load() == value
+        with pytest.raises(pickle.UnpicklingError, match=rf"refusing to load global '{name}': a CIFAR batch holds"):
+            AllowlistUnpickler(io.BytesIO(blob), BATCH_GLOBALS).load()
 
 
 def test_cifar_missing_names_expected_file_and_fails_fast(tmp_path):

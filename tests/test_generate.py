@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edmlab import checkpoints
-from edmlab.checkpoints import load_denoiser_any
+from edmlab.checkpoints import load_any
 from edmlab.dist import distributed_env
 from edmlab.generation import (
     batches_for_rank,
@@ -197,7 +197,7 @@ def test_killed_run_restarts_with_exactly_the_missing_seeds(tmp_path):
 
     # The files on both sides of the interruption hold what an uninterrupted run computes.
     first_missing = min(set(range(n)) - {int(p.stem) for p in before})
-    denoiser = load_denoiser_any(ckpt)
+    denoiser = load_any(ckpt).denoiser
     sampler = functools.partial(sample, num_steps=2)
     for batch in batches_for_rank(range(n), 2)[max(first_missing // 2 - 2, 0):first_missing // 2 + 3]:
         expected = pixels(generate_batch(denoiser, batch, sampler)[0])[..., 0]
@@ -214,12 +214,12 @@ def four_images(denoiser) -> np.ndarray:
 def test_exported_checkpoint(tmp_path):
     denoiser = tiny_denoiser(label_dim=3)
     path = checkpoints.save_denoiser(denoiser, tmp_path / "last_ema.pt")
-    loaded = load_denoiser_any(path)
+    loaded = load_any(path).denoiser
     images = four_images(loaded)
     assert images.shape == (4, 8, 8, 1) and images.std() > 0
     np.testing.assert_array_equal(images, four_images(denoiser))
     with pytest.raises(ValueError, match="use_ema=false"):
-        load_denoiser_any(path, use_ema=False)
+        load_any(path, use_ema=False)
 
 
 def test_training_checkpoint_ema_and_raw_weights(tmp_path):
@@ -242,7 +242,7 @@ def test_training_checkpoint_ema_and_raw_weights(tmp_path):
             p.mul_(0.9)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
 
-    ema, raw = load_denoiser_any(tmp_path / "last.ckpt"), load_denoiser_any(tmp_path, use_ema=False)  # file / run dir
+    ema, raw = load_any(tmp_path / "last.ckpt").denoiser, load_any(tmp_path, use_ema=False).denoiser  # file / run dir
     for loaded, source in ((ema, module.ema.module), (raw, module.denoiser)):
         mine = loaded.state_dict()
         assert all(torch.equal(mine[k], v) for k, v in source.state_dict().items())
@@ -256,12 +256,12 @@ def test_edm_pickle(tmp_path):
 
     path = write_edm_snapshot(tmp_path / "network-snapshot-000000.pkl", edm_network("ddpmpp", 0, 0), "EDMPrecond",
                               "ddpmpp")
-    loaded = load_denoiser_any(path)
+    loaded = load_any(path).denoiser
     images = four_images(loaded)
     assert images.shape == (4, 8, 8, 3) and images.std() > 0
     np.testing.assert_array_equal(images, four_images(checkpoints.load_edm_pickle(path)))
     with pytest.raises(ValueError, match="only the EMA"):
-        load_denoiser_any(path, use_ema=False)
+        load_any(path, use_ema=False)
 
 
 def test_cli_run_in_process(tmp_path):
@@ -282,7 +282,7 @@ def test_cli_run_in_process(tmp_path):
     with np.load(tmp_path / "out" / npz_name([0, 1, 2, 7])) as f:
         assert f["seeds"].tolist() == [0, 1, 2, 7] and f["labels"].tolist() == [2] * 4
         euler = functools.partial(sample, solver="euler", num_steps=3)
-        expected = pixels(generate_batch(load_denoiser_any(ckpt), [0, 1, 2], euler, class_labels=2)[0])
+        expected = pixels(generate_batch(load_any(ckpt).denoiser, [0, 1, 2], euler, class_labels=2)[0])
         np.testing.assert_array_equal(f["images"][:3], expected)
 
 
@@ -301,12 +301,12 @@ def test_wrong_kinds_fail_clearly(tmp_path):
         path = tmp_path / name
         write(path)
         with pytest.raises(ValueError) as err:
-            load_denoiser_any(path)
+            load_any(path)
         message = str(err.value)
         assert "Accepted kinds" in message and "network-snapshot" in message and "last.ckpt" in message, name
         assert str(path) in message
     with pytest.raises(FileNotFoundError, match="no such file"):
-        load_denoiser_any(tmp_path / "missing.pt")
+        load_any(tmp_path / "missing.pt")
 
 
 @pytest.fixture(autouse=True)

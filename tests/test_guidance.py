@@ -192,7 +192,7 @@ def test_sample_cli_guidance(tmp_path):
     from hydra import compose, initialize_config_dir
     from test_generate import pixels
 
-    from edmlab.checkpoints import load_denoiser_any
+    from edmlab.checkpoints import load_any
     from edmlab.cli.sample import CONFIG_DIR, run
     from edmlab.generation import generate_batch, npz_name
 
@@ -200,10 +200,10 @@ def test_sample_cli_guidance(tmp_path):
     common = [f"ckpt={ckpt}", "seeds=0-2", "num_steps=4", "format=npz", "progress=false", "device=cpu"]
     heun = functools.partial(sample, solver="heun", num_steps=4)
     for extra, wrapped in [
-        ([], load_denoiser_any(ckpt)),
-        (["guidance=2"], GuidedDenoiser(load_denoiser_any(ckpt), 2.0)),
+        ([], load_any(ckpt).denoiser),
+        (["guidance=2"], GuidedDenoiser(load_any(ckpt).denoiser, 2.0)),
         (["guidance=3", f"guide={weak}", "guidance_interval=[0.28,5.42]"],
-         GuidedDenoiser(load_denoiser_any(ckpt), 3.0, guide=load_denoiser_any(weak), interval=(0.28, 5.42))),
+         GuidedDenoiser(load_any(ckpt).denoiser, 3.0, guide=load_any(weak).denoiser, interval=(0.28, 5.42))),
     ]:
         out = tmp_path / f"out{len(extra)}"
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

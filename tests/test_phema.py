@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edmlab.checkpoints import load_denoiser_any
+from edmlab.checkpoints import load_any
 from edmlab.training.ema import PowerFunctionEMA, _profile_dot, posthoc_coefficients, sigma_rel_to_gamma
 from edmlab.training.phema import list_snapshots, reconstruct, save_snapshot
 
@@ -94,11 +94,11 @@ def test_training_snapshots_to_script_to_sampler(tmp_path):
     outdir = tmp_path / "phema"
     assert reconstruct_phema.main([str(checkpoints), "--sigma-rel", "0.10", "0.07", "--outdir", str(outdir)]) == 0
     # the last stored 0.10 profile comes back as itself, through the file sample.py reads
-    rebuilt = load_denoiser_any(outdir / "phema-0000000-0.100.pt")
+    rebuilt = load_any(outdir / "phema-0000000-0.100.pt").denoiser
     stored = torch.load(checkpoints / "phema-step0000003.pt", weights_only=True)
     for key, value in stored["state_dicts"][1].items():
         assert torch.allclose(rebuilt.state_dict()[key], value, atol=1e-5), key
     x = torch.randn(2, 1, 8, 8)
     labels = torch.eye(10)[:2]
-    D, u = load_denoiser_any(outdir / "phema-0000000-0.070.pt")(x, 1.0, class_labels=labels, return_logvar=True)
+    D, u = load_any(outdir / "phema-0000000-0.070.pt").denoiser(x, 1.0, class_labels=labels, return_logvar=True)
     assert D.shape == x.shape and torch.isfinite(u).all()

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from torch.utils.data import DataLoader
 
-from edmlab.checkpoints import EMA_PREFIX, IncompatibleCheckpoint, load_denoiser_any
+from edmlab.checkpoints import EMA_PREFIX, IncompatibleCheckpoint, load_any
 from edmlab.cli.train import CONFIG_DIR, build_model, train
 from edmlab.training.ema import (
     EMA,
@@ -103,7 +103,7 @@ def test_experiment_runs_two_steps_under_every_process(experiment, process, tmp_
     from edmlab.checkpoints import load_denoiser
 
     exported = load_denoiser(run / "checkpoints" / "last_ema.pt")
-    rebuilt = load_denoiser_any(run / "checkpoints" / "last.ckpt")
+    rebuilt = load_any(run / "checkpoints" / "last.ckpt").denoiser
     x = torch.randn(3, *meta["data_shape"])
     labels = torch.eye(rebuilt.label_dim)[:3] if rebuilt.label_dim else None
     assert torch.equal(exported(x, 1.0, class_labels=labels), rebuilt(x, 1.0, class_labels=labels))

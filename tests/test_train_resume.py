@@ -134,12 +134,13 @@ def test_restart_in_its_own_folder_resumes_without_ckpt_path(tmp_path):
 
 
 def test_last_never_picks_another_runs_checkpoint_inside_a_sweep(tmp_path):
-    from edmlab.checkpoints import resolve_ckpt_path
+    from edmlab.checkpoints import resolve
 
     other = tmp_path / "runs" / "other" / "checkpoints"
     other.mkdir(parents=True)
     (other / "last.ckpt").write_bytes(b"x")
     mine = tmp_path / "multiruns" / "0"
     mine.mkdir(parents=True)
-    assert resolve_ckpt_path("last", tmp_path / "runs", mine) == other / "last.ckpt"
-    assert resolve_ckpt_path("last", tmp_path / "runs", mine, own_only=True) is None
+    runs = tmp_path / "runs"
+    assert resolve("last", training=True, runs_dir=runs, output_dir=mine) == other / "last.ckpt"
+    assert resolve("last", training=True, runs_dir=runs, output_dir=mine, own_only=True) is None

@@ -130,15 +130,15 @@ def encoder_config_of_checkpoint(path: str | os.PathLike) -> dict[str, Any] | No
     """The `encoder` config a checkpoint was trained with (None: pixels), for decoding its samples."""
     import zipfile
 
-    from edmlab.checkpoints import resolve_checkpoint
+    from edmlab.checkpoints import CHECKPOINT_KEY, resolve
 
-    path = resolve_checkpoint(path)
+    path = resolve(path)
     if not zipfile.is_zipfile(path):  # an official snapshot: NVlabs/edm2 records its encoder
         from edmlab.checkpoints import read_edm_snapshot
 
         return edm2_encoder_config(read_edm_snapshot(path).encoder)
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    config = (ckpt.get("edmlab") or {}).get("config") if "edmlab" in ckpt else ckpt.get("config")
+    config = (ckpt.get(CHECKPOINT_KEY) or {}).get("config") if CHECKPOINT_KEY in ckpt else ckpt.get("config")
     if isinstance(config, dict) and "train_config" in config:
         config = config["train_config"]  # a post-hoc EMA reconstruction keeps the training config inside
     if isinstance(config, dict) and isinstance(config.get("edm_snapshot"), dict):  # convert_edm_checkpoint.py

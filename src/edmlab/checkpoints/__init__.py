@@ -1,19 +1,26 @@
-"""Checkpoints: one module per format, each with its writer and reader, one resolver, one loader.
+"""Checkpoints: one module per file format, each with its writer and reader, one resolver, one loader.
 
-- `export`: edmlab's inference checkpoint (`last_ema.pt`, `save_denoiser` / `load_denoiser`);
-- `training`: the Lightning training checkpoint (`last.ckpt`) and its `checkpoint["edmlab"]` entry;
-- `edm`: official NVlabs/edm and edm2 snapshot pickles, read through `safe_pickle` (nothing is run);
-- `phema`: post-hoc EMA snapshots (`phema-*.pt`);
-- `resolve`: a file, a run folder or `last` -> a file; any kind -> a Denoiser (`load_denoiser_any`);
-- `weights`: strict loads naming the offending tensor, content hashes, plain configs.
+| file                                    | format                                   | module        |
+|-----------------------------------------|------------------------------------------|---------------|
+| `last_ema.pt`, `network-snapshot-*.pt`  | edmlab inference export (`FORMAT`)        | `export`      |
+| `last.ckpt`                             | Lightning training state + `["edmlab"]`  | `training`    |
+| `network-snapshot-*.pkl` (NVlabs)       | EDM / EDM2 snapshot pickle               | `edm`         |
+| `phema-*.pt`                            | post-hoc EMA snapshots                   | `phema`       |
+
+`resolve` turns a file, a run folder or `last` into a file; `loader.load_any` reads any of the first three kinds
+into a `Loaded` (denoiser, kind, path, step, metadata). `safe_pickle` is the one allowlist unpickler (EDM
+snapshots here, CIFAR batches in `edmlab.data`); `weights` holds the strict loads and content hashes every
+format shares; `errors` the exceptions every reader raises.
 """
 
 from edmlab.checkpoints.edm import EDMSnapshot, load_edm_pickle, read_edm_snapshot
 from edmlab.checkpoints.errors import CheckpointFormatError, IncompatibleCheckpoint, UnsafePickleError
-from edmlab.checkpoints.export import FORMAT, VERSION, load_denoiser, save_denoiser
-from edmlab.checkpoints.resolve import ACCEPTED_KINDS, load_denoiser_any, resolve_checkpoint, resolve_ckpt_path
+from edmlab.checkpoints.export import load_denoiser, save_denoiser
+from edmlab.checkpoints.loader import Loaded, load_any
+from edmlab.checkpoints.resolve import resolve
 from edmlab.checkpoints.training import (
     CHECKPOINT_KEY,
+    CKPT_DIR,
     CKPT_NAME,
     EMA_PREFIX,
     EXPORT_NAME,
@@ -21,10 +28,9 @@ from edmlab.checkpoints.training import (
     read_metadata,
     saved_step,
 )
-from edmlab.checkpoints.weights import build_checked, check_weights, content_hash, load_weights, verify_hash
+from edmlab.checkpoints.weights import content_hash
 
-__all__ = ["ACCEPTED_KINDS", "CHECKPOINT_KEY", "CKPT_NAME", "EMA_PREFIX", "EXPORT_NAME", "FORMAT", "VERSION",
-           "CheckpointFormatError", "IncompatibleCheckpoint", "UnsafePickleError", "EDMSnapshot",
-           "build_checked", "check_weights", "content_hash", "load_denoiser", "load_denoiser_any",
-           "load_edm_pickle", "load_training_checkpoint", "load_weights", "read_edm_snapshot", "read_metadata",
-           "resolve_checkpoint", "resolve_ckpt_path", "save_denoiser", "saved_step", "verify_hash"]
+__all__ = ["CHECKPOINT_KEY", "CKPT_DIR", "CKPT_NAME", "EMA_PREFIX", "EXPORT_NAME",
+           "CheckpointFormatError", "IncompatibleCheckpoint", "UnsafePickleError",
+           "EDMSnapshot", "Loaded", "content_hash", "load_any", "load_denoiser", "load_edm_pickle",
+           "load_training_checkpoint", "read_edm_snapshot", "read_metadata", "resolve", "save_denoiser", "saved_step"]

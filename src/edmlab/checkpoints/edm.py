@@ -1,6 +1,6 @@
 """Official NVlabs/edm and NVlabs/edm2 snapshot pickles, read as data and rebuilt as edmlab Denoisers.
 
-`network-snapshot-*.pkl` is unpickled by `safe_pickle.SnapshotUnpickler` (nothing in it is run); the
+`network-snapshot-*.pkl` is unpickled by `safe_pickle.AllowlistUnpickler` (nothing in it is run); the
 recorded constructor arguments of the precond and network classes choose the matching edmlab network,
 whose state-dict names equal NVlabs', so the weights load by name. EDM2 snapshots (`Precond` holding
 `unet` and the log-variance head, float16, plus the encoder's latent scale/bias) are read the same way.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edmlab.checkpoints.errors import CheckpointFormatError, UnsafePickleError
-from edmlab.checkpoints.safe_pickle import PersistentRecord, SnapshotUnpickler, named_tensors
+from edmlab.checkpoints.safe_pickle import SNAPSHOT_GLOBALS, AllowlistUnpickler, PersistentRecord, named_tensors
 from edmlab.checkpoints.weights import build_checked, load_weights
 from edmlab.networks import build
 from edmlab.precond import Denoiser
@@ -144,7 +144,7 @@ def read_edm_snapshot(path: str | os.PathLike, key: str = "ema") -> EDMSnapshot:
                                     "(edmlab checkpoints load with edmlab.checkpoints.load_denoiser)")
     try:
         with open(path, "rb") as f:
-            data = SnapshotUnpickler(f, source).load()
+            data = AllowlistUnpickler(f, SNAPSHOT_GLOBALS, source).load()
     except UnsafePickleError:
         raise
     except Exception as err:

@@ -12,7 +12,7 @@ class CheckpointFormatError(ValueError):
 
 
 class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle names a global outside the EDM snapshot allowlist; nothing from it was run."""
+    """The pickle names a global outside its format's allowlist (safe_pickle); nothing from it was run."""
 
 
 class IncompatibleCheckpoint(ValueError):

@@ -67,7 +67,7 @@ def load_denoiser(path: str | os.PathLike, map_location: Any = "cpu", verify: bo
         found = f"keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
         lightning = isinstance(ckpt, dict) and "pytorch-lightning_version" in ckpt
         hint = (" It looks like a Lightning training checkpoint: its EMA denoiser loads with "
-                "edmlab.generate.load_denoiser_any (or sample.py ckpt=...)." if lightning else "")
+                "edmlab.checkpoints.load_any (or sample.py ckpt=...)." if lightning else "")
         raise CheckpointFormatError(f"{path} is not an edmlab checkpoint: expected a dict with format={FORMAT!r}, "
                                     f"found {found}.{hint}")
     if ckpt.get("version") != VERSION:

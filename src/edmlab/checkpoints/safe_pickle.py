@@ -1,5 +1,9 @@
 """The one restricted unpickler: globals resolve only through an allowlist, nothing stored in a file is run.
 
+`AllowlistUnpickler` takes an `Allowlist` (a table of (module, name) -> screened object, the refusal
+message, optionally a rule for whole families of harmless names). `SNAPSHOT_GLOBALS` is the EDM snapshot's;
+`edmlab.data.cifar10` keeps the CIFAR batch's.
+
 NVlabs' snapshots hold `torch_utils.persistence` objects reduced to `_reconstruct_persistent_obj(meta)`
 with meta = dict(type, version, module_src, class_name, state); NVlabs' loader `exec`s `module_src`.
 Here each such object becomes an inert `PersistentRecord`, torch.nn containers become `ModuleRecord`s,
@@ -9,11 +13,12 @@ and tensors, storages, containers and numeric numpy values are rebuilt by screen
 from __future__ import annotations
 
 import _compat_pickle
+import codecs
 import collections
 import io
 import pickle
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +27,45 @@ import torch
 
 from edmlab.checkpoints.errors import CheckpointFormatError, UnsafePickleError
 
-__all__ = ["PersistentRecord", "ModuleRecord", "SnapshotUnpickler", "named_tensors", "state_of"]
+__all__ = ["Allowlist", "AllowlistUnpickler", "SNAPSHOT_GLOBALS", "PersistentRecord", "ModuleRecord", "latin1_bytes",
+           "named_tensors", "state_of"]
+
+
+@dataclass(frozen=True)
+class Allowlist:
+    """What one file format may name: `globals` maps (module, name) to the object the unpickler hands back."""
+
+    globals: Mapping[tuple[str, str], Any]
+    refusal: str  # the error for any other global; "{name}" becomes its dotted name
+    # whole families of harmless names (torch dtypes, ...): the object, or None to refuse
+    family: Callable[[str, str], Any] | None = None
+
+
+class AllowlistUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals of its `Allowlist` and refuses persistent ids (UnsafePickleError).
+
+    `source` (a file name) prefixes the errors; other keyword arguments go to pickle.Unpickler (e.g. encoding)."""
+
+    def __init__(self, file: Any, allowlist: Allowlist, source: str = "", **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self.allowlist = allowlist
+        self.where = f"{source}: " if source else ""
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Python-2 names (protocols 0-2), translated as pickle's own find_class does, then looked up in the list.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = self.allowlist.globals.get((module, name))
+        if found is None and self.allowlist.family is not None:
+            found = self.allowlist.family(module, name)
+        if found is None:
+            raise UnsafePickleError(self.where + self.allowlist.refusal.format(name=f"{module}.{name}"))
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"{self.where}persistent id {pid!r} refused (none of edmlab's pickled formats "
+                                "uses them)")
 
 
 @dataclass
@@ -118,10 +161,14 @@ def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
     return cls.__new__(cls)
 
 
-def _encode(text: str, encoding: str = "latin1") -> bytes:
-    # How protocol-2 pickles written by Python 3 store bytes.
-    if not isinstance(text, str) or encoding != "latin1":
-        raise UnsafePickleError("_codecs.encode is only allowed as latin1 bytes encoding")
+def latin1_bytes(text: Any, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode(str, "latin1")`, how protocol-2 pickles written by Python 3 store bytes; no other codec."""
+    try:
+        latin1 = isinstance(text, str) and codecs.lookup(encoding).name == "iso8859-1"
+    except (LookupError, TypeError):  # an unknown codec name, or not a name at all
+        latin1 = False
+    if not latin1:
+        raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r} (only latin1 bytes are allowed)")
     return text.encode("latin1")
 
 
@@ -145,7 +192,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "object"): object,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("_codecs", "encode"): _encode,
+    ("_codecs", "encode"): latin1_bytes,
     ("torch", "device"): torch.device,
 }
 
@@ -153,33 +200,21 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 _module_records: dict[str, type[ModuleRecord]] = {}
 
 
-class SnapshotUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only `_ALLOWED` globals (plus torch dtypes and torch.nn classes as records)."""
+def _snapshot_family(module: str, name: str) -> Any:
+    """torch dtypes as themselves, any torch.nn module class as an inert record; None for anything else."""
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    if module.startswith("torch.nn.modules.") and name.isidentifier():
+        path = f"{module}.{name}"
+        if path not in _module_records:
+            _module_records[path] = type(name, (ModuleRecord,), {"class_path": path})
+        return _module_records[path]
+    return None
 
-    def __init__(self, file: Any, source: str) -> None:
-        super().__init__(file)
-        self.source = source
 
-    def find_class(self, module: str, name: str) -> Any:
-        # Python-2 names (protocols 0-2), translated as pickle's own find_class does.
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module.startswith("torch.nn.modules.") and name.isidentifier():
-            path = f"{module}.{name}"
-            if path not in _module_records:
-                _module_records[path] = type(name, (ModuleRecord,), {"class_path": path})
-            return _module_records[path]
-        raise UnsafePickleError(f"{self.source}: refused to load global '{module}.{name}'. An EDM snapshot "
-                                "needs only tensors, storages, containers and torch_utils.persistence records; "
-                                "edmlab never runs code from a checkpoint")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f"{self.source}: persistent id {pid!r} refused (EDM snapshots have none)")
+SNAPSHOT_GLOBALS = Allowlist(
+    _ALLOWED, "refused to load global '{name}'. An EDM snapshot needs only tensors, storages, containers and "
+    "torch_utils.persistence records; edmlab never runs code from a checkpoint", _snapshot_family)
 
 
 def state_of(record: Any) -> dict:

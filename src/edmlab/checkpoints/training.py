@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,28 @@ from edmlab.checkpoints.export import FORMAT
 from edmlab.checkpoints.weights import build_checked, load_weights, verify_hash
 from edmlab.precond import Denoiser
 
-__all__ = ["CKPT_NAME", "EXPORT_NAME", "CHECKPOINT_KEY", "EMA_PREFIX", "RAW_PREFIX", "META_FORMAT", "META_VERSION",
-           "load_training_checkpoint", "read_metadata", "saved_step", "denoiser_from_training"]
+__all__ = ["CKPT_DIR", "CKPT_NAME", "EXPORT_NAME", "CHECKPOINT_KEY", "EMA_PREFIX", "RAW_PREFIX", "META_FORMAT",
+           "META_VERSION", "check_metadata", "load_training_checkpoint", "read_metadata", "saved_step",
+           "denoiser_from_training"]
 
+CKPT_DIR = "checkpoints"           # the folder of a run that holds its checkpoints
 CKPT_NAME = "last.ckpt"            # the training state, in <run>/checkpoints/
 EXPORT_NAME = "last_ema.pt"        # the EMA denoiser in edmlab's inference format, next to last.ckpt
 CHECKPOINT_KEY = "edmlab"          # checkpoint[CHECKPOINT_KEY]: rebuilds the EMA denoiser without Lightning
 EMA_PREFIX = "ema.module."         # prefix of the EMA denoiser's weights in checkpoint["state_dict"]
 RAW_PREFIX = "denoiser."           # prefix of the trained (raw) weights
 META_FORMAT, META_VERSION = "edmlab-lightning", 1
+
+
+def check_metadata(meta: Mapping[str, Any], path: str | os.PathLike) -> str | None:
+    """Why this edmlab cannot read checkpoint[CHECKPOINT_KEY] of `path` (another format, a newer version), else None.
+
+    Files written before the entry carried `format`/`version` have neither and are read as version 1."""
+    fmt, version = meta.get("format", META_FORMAT), meta.get("version", META_VERSION)
+    if fmt == META_FORMAT and isinstance(version, int) and version <= META_VERSION:
+        return None
+    return (f"{path}: checkpoint[{CHECKPOINT_KEY!r}] is format {fmt!r} version {version!r}, but this edmlab reads "
+            f"format {META_FORMAT!r} up to version {META_VERSION}; use the edmlab that wrote it (or a newer one)")
 
 
 def load_training_checkpoint(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
@@ -48,8 +62,11 @@ def load_training_checkpoint(path: str | os.PathLike, verify: bool = False) -> d
         raise IncompatibleCheckpoint(f"ckpt_path={path} is an inference export (EMA weights only: no optimizer, "
                                      f"data or RNG state); {resume}, e.g. the last.ckpt beside it")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get(CHECKPOINT_KEY), dict):
-        raise IncompatibleCheckpoint(f"ckpt_path={path} has no 'edmlab' entry: not written by edmlab's training; "
-                                     f"{resume}")
+        raise IncompatibleCheckpoint(f"ckpt_path={path} has no {CHECKPOINT_KEY!r} entry: not written by edmlab's "
+                                     f"training; {resume}")
+    problem = check_metadata(ckpt[CHECKPOINT_KEY], path)
+    if problem is not None:
+        raise IncompatibleCheckpoint(f"cannot resume: {problem}")
     if verify:
         try:
             verify_hash(ckpt.get("state_dict", {}), ckpt[CHECKPOINT_KEY].get("sha256"), str(path))
@@ -78,11 +95,14 @@ def denoiser_from_training(path: Path, ckpt: dict, use_ema: bool, map_location: 
                               verify: bool = True) -> Denoiser:
     """The EMA (or raw) denoiser of an edmlab Lightning checkpoint, rebuilt from checkpoint['edmlab']."""
     meta = ckpt[CHECKPOINT_KEY]
+    problem = check_metadata(meta, path)
+    if problem is not None:
+        raise CheckpointFormatError(problem)
     if verify:
         verify_hash(ckpt.get("state_dict", {}), meta.get("sha256"), str(path))
     if not meta.get("network"):
-        raise CheckpointFormatError(f"{path}: checkpoint['edmlab'] has no 'network' build config; the network "
-                                    "was not built with edmlab.networks.build, so it cannot be rebuilt")
+        raise CheckpointFormatError(f"{path}: checkpoint[{CHECKPOINT_KEY!r}] has no 'network' build config; the "
+                                    "network was not built with edmlab.networks.build, so it cannot be rebuilt")
     prefix = meta.get("ema_prefix", EMA_PREFIX) if use_ema else RAW_PREFIX
     state = {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
     if not state:

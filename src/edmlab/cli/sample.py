@@ -11,7 +11,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from edmlab.checkpoints import load_denoiser_any, resolve_checkpoint
+from edmlab.checkpoints import CKPT_DIR, Loaded, load_any
 from edmlab.cli.resolvers import register, repo_root
 from edmlab.dist import distributed_env
 from edmlab.generation import GenerateResult, generate, parse_seeds
@@ -29,7 +29,7 @@ def ckpt_name(path: str) -> str:
     p = Path(str(path))
     if p.suffix == "" and not p.name.startswith("network-snapshot"):  # a run folder
         return p.name or "samples"
-    parent = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    parent = p.parent.parent if p.parent.name == CKPT_DIR else p.parent
     return f"{parent.name}-{p.stem}" if parent.name not in ("", ".") else p.stem
 
 
@@ -53,37 +53,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def checkpoint_identity(path: Path) -> dict[str, Any]:
+def checkpoint_identity(loaded: Loaded) -> dict[str, Any]:
     """What tells two states of a checkpoint file apart: its stored content hash (or the file's sha256), step, size.
 
     Stored in the outdir's manifest: rerunning into an outdir after more training refuses to mix two models."""
-    import zipfile
-
     from edmlab.fileio import file_sha256
 
-    identity: dict[str, Any] = {"bytes": path.stat().st_size}
-    if zipfile.is_zipfile(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        meta = ckpt.get("edmlab") if isinstance(ckpt.get("edmlab"), dict) else ckpt
-        identity.update(sha256=meta.get("sha256"), global_step=ckpt.get("global_step"))
+    identity: dict[str, Any] = {"bytes": loaded.path.stat().st_size}
+    if loaded.kind in ("export", "training"):  # torch.save archives record a hash and a step
+        identity.update(sha256=loaded.meta.get("sha256"), global_step=loaded.step)
     if identity.get("sha256") is None:  # EDM pickles and older files: hash the bytes
-        identity["sha256"] = file_sha256(path)
+        identity["sha256"] = file_sha256(loaded.path)
     return identity
 
 
-def _sampler_config(cfg: DictConfig) -> DictConfig:
-    """cfg.sampler with the top-level shortcuts (solver, num_steps, discretization) applied."""
+def _sampler_config(cfg: DictConfig, ckpt: Path) -> DictConfig:
+    """cfg.sampler with the top-level shortcuts (solver, num_steps, discretization) applied; `ckpt`: the file."""
     sampler = cfg.sampler.copy()
     with open_dict(sampler):
         for key in SHORTCUTS:
             if cfg.get(key) is not None:
                 sampler[key] = cfg[key]
         if sampler.get("discretization") == "optimized" and sampler.get("steps_cache") is None:  # once per model
-            sampler["steps_cache"] = f"{resolve_checkpoint(cfg.ckpt)}.steps.json"
+            sampler["steps_cache"] = f"{ckpt}.steps.json"
     return sampler
 
 
-def _decoding(sampler, cfg: DictConfig):
+def _decoding(sampler, cfg: DictConfig, ckpt: Path):
     """decode=auto: samples of a latent model (encoder other than identity in its config) go through its decoder."""
     decode = str(cfg.get("decode", "auto"))
     if decode not in ("auto", "none"):
@@ -94,7 +90,7 @@ def _decoding(sampler, cfg: DictConfig):
 
     from edmlab.encoders import IdentityEncoder, encoder_config_of_checkpoint
 
-    encoder_cfg = encoder_config_of_checkpoint(cfg.ckpt)
+    encoder_cfg = encoder_config_of_checkpoint(ckpt)
     encoder = instantiate(encoder_cfg) if encoder_cfg else None
     if encoder is None or isinstance(encoder, IdentityEncoder):
         return sampler
@@ -113,25 +109,25 @@ def run(cfg: DictConfig) -> GenerateResult:
         set_attention(str(cfg.attention))
     device = resolve_device(str(cfg.device))
     seeds = parse_seeds(OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds)
-    denoiser = load_denoiser_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device,
-                                 verify=bool(cfg.get("verify_hash", True)))
-    guide = (load_denoiser_any(cfg.guide, map_location=device, verify=bool(cfg.get("verify_hash", True)))
+    loaded = load_any(cfg.ckpt, use_ema=bool(cfg.use_ema), map_location=device,
+                      verify=bool(cfg.get("verify_hash", True)))
+    guide = (load_any(cfg.guide, map_location=device, verify=bool(cfg.get("verify_hash", True)))
              if cfg.get("guide") else None)
     interval = list(cfg.guidance_interval) if cfg.get("guidance_interval") is not None else None
-    denoiser = guided(denoiser, float(cfg.get("guidance", 1.0)), guide=guide, interval=interval)
-    sampler_cfg = _sampler_config(cfg)
-    sampler = _decoding(instantiate(sampler_cfg), cfg)
+    denoiser = guided(loaded.denoiser, float(cfg.get("guidance", 1.0)), guide=guide.denoiser if guide else None,
+                      interval=interval)
+    sampler_cfg = _sampler_config(cfg, loaded.path)
+    sampler = _decoding(instantiate(sampler_cfg), cfg, loaded.path)
     shape = list(cfg.shape) if cfg.get("shape") is not None else None
     class_labels: Any = cfg.class_labels
     # What fixes the pixels: a resumed run must agree (batch size, ranks and format do not change them).
     solver = {k: v for k, v in OmegaConf.to_container(sampler_cfg, resolve=True).items() if not k.startswith("_")}
-    path = resolve_checkpoint(cfg.ckpt)
-    settings = {"ckpt": str(path.resolve()), "checkpoint": checkpoint_identity(path), "use_ema": bool(cfg.use_ema),
-                "sampler": solver, "class_labels": class_labels, "device_type": device.type, "shape": shape,
-                "decode": str(cfg.get("decode", "auto"))}
+    settings = {"ckpt": str(loaded.path.resolve()), "checkpoint": checkpoint_identity(loaded),
+                "use_ema": bool(cfg.use_ema), "sampler": solver, "class_labels": class_labels,
+                "device_type": device.type, "shape": shape, "decode": str(cfg.get("decode", "auto"))}
     if float(cfg.get("guidance", 1.0)) != 1:  # guidance = 1 is the unguided sampler: older folders stay valid
         settings["guidance"] = {"w": float(cfg.guidance), "interval": interval,
-                                "guide": str(resolve_checkpoint(cfg.guide).resolve()) if guide else None}
+                                "guide": str(guide.path.resolve()) if guide else None}
     if rank == 0:
         log.info(f"{cfg.ckpt}: {type(denoiser.net).__name__}, precond {denoiser.kind}, label_dim "
                  f"{denoiser.label_dim}; {len(seeds)} seed(s) on {world_size} process(es), {device}; {solver}")

@@ -159,10 +159,11 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
     from edmlab import dist
     from edmlab.checkpoints import (
         CHECKPOINT_KEY,
+        CKPT_DIR,
         CKPT_NAME,
         IncompatibleCheckpoint,
         load_training_checkpoint,
-        resolve_ckpt_path,
+        resolve,
     )
     from edmlab.cli.validate import check_types
     from edmlab.training.checkpoint import sync_export
@@ -179,13 +180,13 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # same initial weights on every rank
 
     requested = cfg.get("ckpt_path")
-    if requested is None and (output_dir / "checkpoints" / "last.ckpt").is_file():
+    if requested is None and (output_dir / CKPT_DIR / CKPT_NAME).is_file():
         requested = "last"  # a requeued or restarted job finds its own folder's checkpoint: resume it
         log.info(f"{output_dir} already holds checkpoints/last.ckpt: resuming it")
     # inside a sweep or a requeued Slurm job, "last" means this job's own checkpoint, never another run's
     own_only = bool(os.environ.get("SLURM_RESTART_COUNT")) or "multiruns" in output_dir.parts
-    ckpt_path = resolve_ckpt_path(requested, Path(cfg.paths.log_dir) / cfg.task_name / "runs", output_dir,
-                                  own_only=own_only)
+    ckpt_path = resolve(requested, training=True, runs_dir=Path(cfg.paths.log_dir) / cfg.task_name / "runs",
+                        output_dir=output_dir, own_only=own_only)
     if ckpt_path is not None and ckpt_path.name == CKPT_NAME and dist.global_rank() == 0:
         sync_export(ckpt_path.parent, create=False)  # the run resumed from may have been killed mid-save
     run_config = OmegaConf.to_container(cfg, resolve=True)

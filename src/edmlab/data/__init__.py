@@ -1,7 +1,7 @@
 """Datasets, EDM augmentation and LightningDataModules (batch format: see `edmlab.data.datamodule`)."""
 
 from edmlab.data.augment import AugmentPipe
-from edmlab.data.cifar10 import CIFAR10Dataset, RestrictedUnpickler, download_cifar10
+from edmlab.data.cifar10 import CIFAR10Dataset, download_cifar10
 from edmlab.data.datamodule import (
     ImageDataModule,
     InfiniteDataModule,
@@ -19,7 +19,7 @@ from edmlab.data.sources import open_images
 from edmlab.data.toy2d import Toy2DDataset
 
 __all__ = [
-    "AugmentPipe", "CIFAR10Dataset", "RestrictedUnpickler", "download_cifar10", "ImageDataModule",
+    "AugmentPipe", "CIFAR10Dataset", "download_cifar10", "ImageDataModule",
     "InfiniteDataModule", "VectorDataModule", "XFlipDataset", "per_device_batch", "split_batch", "DigitsDataset",
     "ImageFolderDataset", "IdxDataset", "read_idx", "ArrayImageDataset", "ImageDataset", "load_npz", "open_images",
     "Toy2DDataset", "LatentDataModule", "LatentDataset",

@@ -3,23 +3,23 @@
 Accepted sources: `cifar-10-python.tar.gz` (md5-checked) or its extracted `cifar-10-batches-py/` folder,
 given directly or inside `root`. The train split is the five `data_batch_*` files (50,000 images), the
 test split `test_batch` (10,000). Each batch is a pickled dict with `data` uint8 [N, 3072] (RRR..GGG..BBB,
-row-major 32x32 planes) and `labels` (list of 0..9). The unpickler admits only the globals that format
-needs, so a tampered batch cannot run code.
+row-major 32x32 planes) and `labels` (list of 0..9). Batches are read by edmlab's one restricted unpickler
+with `BATCH_GLOBALS`, only the globals that format needs, so a tampered batch cannot run code.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import io
 import os
-import pickle
 import tarfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from edmlab.checkpoints.errors import UnsafePickleError
+from edmlab.checkpoints.safe_pickle import Allowlist, AllowlistUnpickler, latin1_bytes
 from edmlab.data.images import ArrayImageDataset
 from edmlab.download import download
 
@@ -36,13 +36,9 @@ def _numpy_core():
     return np._core if hasattr(np, "_core") else np.core  # pragma: no cover - numpy 1 branch
 
 
-class RefusedPickle(pickle.UnpicklingError):
-    """A pickle asked for something a CIFAR batch never holds."""
-
-
 def _reconstruct(subtype, shape, dtype):
     if subtype is not np.ndarray:
-        raise RefusedPickle(f"refusing array subtype {subtype!r}")
+        raise UnsafePickleError(f"refusing array subtype {subtype!r}")
     return _numpy_core().multiarray._reconstruct(subtype, shape, dtype)
 
 
@@ -50,40 +46,20 @@ def _frombuffer(buffer, dtype, shape, order):
     return _numpy_core().numeric._frombuffer(buffer, dtype, shape, order)
 
 
-def _latin1_encode(text, encoding="latin1"):
-    """Python 3 writes bytes in protocol <= 2 as _codecs.encode(str, 'latin1'); admit only that codec."""
-    if codecs.lookup(encoding).name != "iso8859-1":
-        raise RefusedPickle(f"refusing _codecs.encode with encoding {encoding!r}")
-    return codecs.encode(text, "latin1")
-
-
-_ALLOWED_GLOBALS = {
+BATCH_GLOBALS = Allowlist({
     **{(m, "_reconstruct"): _reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
     **{(m, "_frombuffer"): _frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1_encode,
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler for CIFAR batches: dicts, lists, str/bytes, numbers and numpy arrays only."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise RefusedPickle(f"refusing to load global '{module}.{name}': a CIFAR batch holds only "
-                                         f"dicts, lists, bytes and numpy arrays (tampered file?)")
-        return _ALLOWED_GLOBALS[(module, name)]
-
-    def persistent_load(self, pid):
-        raise RefusedPickle("refusing persistent ids in a CIFAR batch")
+    ("_codecs", "encode"): latin1_bytes,
+}, "refusing to load global '{name}': a CIFAR batch holds only dicts, lists, bytes and numpy arrays (tampered file?)")
 
 
 def read_batch(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch -> (uint8 [N, 3, 32, 32], int64 [N]); `source` names the file in errors."""
     try:
-        batch = RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except RefusedPickle as e:
+        batch = AllowlistUnpickler(io.BytesIO(data), BATCH_GLOBALS, encoding="bytes").load()
+    except UnsafePickleError as e:
         raise ValueError(f"{source}: {e}") from None
     except Exception as e:  # truncated/garbled pickles raise EOFError, ValueError, KeyError, ...
         raise ValueError(f"{source}: corrupt or truncated batch ({type(e).__name__}: {e})") from None

@@ -28,7 +28,7 @@ from edmlab.checkpoints.training import CKPT_NAME, EXPORT_NAME, saved_step
 from edmlab.fileio import remove_stale_tmp, tmp_name
 from edmlab.training.progress import StepCallback, tick_name
 
-__all__ = ["Checkpoint", "EXPORT_NAME", "FAULT_ENV", "SAVE_POINTS", "sync_export", "saved_step"]
+__all__ = ["Checkpoint", "FAULT_ENV", "SAVE_POINTS", "sync_export"]
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,10 @@ def sync_export(dirpath: str | os.PathLike, create: bool = True) -> str:
     if found == step:
         return "ok"
     was = f"from step {found}" if export.is_file() else "missing"
-    from edmlab.checkpoints import load_denoiser_any, save_denoiser
+    from edmlab.checkpoints import load_any, save_denoiser
 
-    config = (torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("edmlab") or {}).get("config")
-    save_denoiser(load_denoiser_any(ckpt, use_ema=True), export, config=config, global_step=step)
+    loaded = load_any(ckpt, use_ema=True)
+    save_denoiser(loaded.denoiser, export, config=loaded.meta.get("config"), global_step=step)
     log.warning(f"{export} was {was}; regenerated from {ckpt} (step {step})")
     return "regenerated"
 

@@ -1,6 +1,6 @@
 """Resume policy: refuse a checkpoint that does not fit this run, apply and log the settings that may change.
 
-Finding and reading the checkpoint is `edmlab.checkpoints` (`resolve_ckpt_path`, `load_training_checkpoint`)."""
+Finding and reading the checkpoint is `edmlab.checkpoints` (`resolve`, `load_training_checkpoint`)."""
 
 from __future__ import annotations
 
