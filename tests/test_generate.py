@@ -16,7 +16,6 @@ import torch
 
 from edmlab import checkpoints
 from edmlab.checkpoints import load_denoiser_any
-from edmlab.dist import distributed_env
 from edmlab.generation import (
     batches_for_rank,
     draw_labels,
@@ -69,16 +68,6 @@ def test_parse_seeds():
                          ("", "no seed")]:
         with pytest.raises(ValueError, match=message):
             parse_seeds(bad)
-
-
-def test_distributed_env():
-    assert distributed_env({}) == (0, 1)
-    assert distributed_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4)  # torchrun
-    assert distributed_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8"}) == (5, 8)  # srun
-    assert distributed_env({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)  # Lightning, one node
-    assert distributed_env({"LOCAL_RANK": "1", "NODE_RANK": "1", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4"}) == (3, 4)
-    with pytest.raises(RuntimeError, match="not in"):
-        distributed_env({"RANK": "2", "WORLD_SIZE": "2"})
 
 
 def test_batches_for_rank_partition_the_seeds_in_the_same_batches():

@@ -21,7 +21,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from edmlab.cli.resolvers import global_rank, register, repo_root
+from edmlab import dist
+from edmlab.cli.resolvers import register, repo_root
 
 if TYPE_CHECKING:  # Lightning is imported when training starts: `train.py --help` stays quick
     import lightning as L
@@ -32,7 +33,6 @@ log = logging.getLogger("edmlab.train")
 
 register()
 CONFIG_DIR = str(Path(repo_root()) / "configs")
-_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")  # set by Lightning
 
 
 def _data_shape(datamodule) -> tuple[list[int], int, int]:
@@ -132,7 +132,7 @@ def _apply_extras(cfg: DictConfig) -> None:
         set_attention(str(extras.attention))
     if extras.get("cudnn_benchmark") is not None:
         torch.backends.cudnn.benchmark = bool(extras.cudnn_benchmark)
-    if extras.get("print_config") and global_rank() == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if extras.get("print_config") and dist.global_rank() == 0:
         from rich.console import Console
         from rich.syntax import Syntax
 
@@ -141,7 +141,6 @@ def _apply_extras(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit as the config says; returns the final metrics and the paths written."""
-    from edmlab import dist
     from edmlab.cli.runlock import lock_run_dir, unlock_run_dir
 
     output_dir = Path(cfg.paths.output_dir)
@@ -156,7 +155,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _fit(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
-    from edmlab import dist
     from edmlab.checkpoints import (
         CHECKPOINT_KEY,
         CKPT_NAME,
@@ -216,20 +214,9 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
                 model.wandb_run_id = getattr(logger.experiment, "id", None)
             logger.log_hyperparams(run_config)
 
-    launcher_env = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
-    try:
+    with dist.scoped_launch():  # the next job of a sweep in this process starts its own ranks
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True if ckpt_path else None)
-    finally:
-        # the next job of a sweep in this process must start its own ranks: Lightning's launcher reads
-        # LOCAL_RANK & co. as "processes are created externally", and the old process group is dead
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for key, value in launcher_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result["output_dir"] = str(output_dir)
