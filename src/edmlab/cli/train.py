@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,25 +28,33 @@ from edmlab.cli.resolvers import register, repo_root
 if TYPE_CHECKING:  # Lightning is imported when training starts: `train.py --help` stays quick
     import lightning as L
 
-__all__ = ["main", "train", "build_model", "CONFIG_DIR"]
+__all__ = ["main", "train", "build_model", "denoiser_factory", "CONFIG_DIR", "PRECOND_OUT_CHANNELS"]
 
 log = logging.getLogger("edmlab.train")
 
 register()
 CONFIG_DIR = str(Path(repo_root()) / "configs")
+PRECOND_OUT_CHANNELS = "out_channels_per_image_channel"  # configs/precond/iddpm.yaml
 
 
 def _data_shape(datamodule) -> tuple[list[int], int, int]:
     """(shape of one item, img_resolution, img_channels) for networks.build; vectors are [d] with res 1."""
     if hasattr(datamodule, "image_shape"):
-        c, h, w = datamodule.image_shape
-        if h != w:
-            raise ValueError(f"data: images are {h}x{w}; the networks need square images")
-        return [c, h, w], h, c
+        # img_resolution refuses non-square images (edmlab.data.images.square_side)
+        return [*map(int, datamodule.image_shape)], int(datamodule.img_resolution), int(datamodule.img_channels)
     if hasattr(datamodule, "dim"):
         return [int(datamodule.dim)], 1, int(datamodule.dim)
     raise TypeError(f"data: {type(datamodule).__name__} has neither image_shape nor dim; "
                     "use edmlab.data.ImageDataModule or VectorDataModule")
+
+
+def denoiser_factory(precond: DictConfig) -> tuple[Callable[[torch.nn.Module], torch.nn.Module], int]:
+    """(network -> edmlab.precond.Denoiser, output channels per image channel the network needs) from `precond`."""
+    from hydra.utils import instantiate
+
+    kwargs = OmegaConf.to_container(precond, resolve=True)
+    per_channel = int(kwargs.pop(PRECOND_OUT_CHANNELS, 1))  # iDDPM's F also predicts a variance
+    return instantiate(kwargs), per_channel
 
 
 def build_model(cfg: DictConfig, datamodule=None, run_config: dict | None = None):
@@ -61,10 +70,10 @@ def build_model(cfg: DictConfig, datamodule=None, run_config: dict | None = None
     augment_dim = augment_pipe.augment_dim if augment_pipe is not None else 0
     build_kwargs: dict[str, Any] = dict(img_resolution=resolution, img_channels=channels,
                                         label_dim=int(datamodule.label_dim), augment_dim=augment_dim)
-    if cfg.precond.get("kind") == "iddpm" and "out_channels" not in cfg.network:
-        build_kwargs["out_channels"] = 2 * channels  # iDDPM's network also predicts a variance
-    net = instantiate(cfg.network)(**build_kwargs)
-    denoiser = instantiate(cfg.precond)(net)
+    make_denoiser, per_channel = denoiser_factory(cfg.precond)
+    if per_channel != 1 and "out_channels" not in cfg.network:
+        build_kwargs["out_channels"] = per_channel * channels
+    denoiser = make_denoiser(instantiate(cfg.network)(**build_kwargs))
     recipe = instantiate(cfg.loss)
     model = instantiate(cfg.model, denoiser=denoiser, recipe=recipe, augment_pipe=augment_pipe,
                         data_shape=data_shape, _convert_="all")

@@ -52,12 +52,15 @@ def check_compatible(checkpoint: dict[str, Any], module: torch.nn.Module) -> Non
 
 
 # Changing these mid-run makes a different run: refused on resume. Everything else (optim.*, durations, intervals,
-# EMA and LR schedule settings) is applied and logged; IGNORED_KEYS say where the run happens, not what it is.
+# EMA and LR schedule settings) is applied and logged; IGNORED_KEYS say where the run happens, not what it is, or
+# are compared where they are used: the shared constants (sigma_data, vp.*, ve.*) in precond.*, loss.*, process.*;
+# iDDPM's output-channel factor in the network's own out_channels.
 BREAKING_KEYS = ("network", "precond", "data.batch_size", "model.batch_size", "model.augment_pipe",
                  "model.phema_sigma_rels", "model.data_shape")
 IGNORED_KEYS = ("paths", "hydra", "ckpt_path", "logger", "extras", "tags", "task_name", "model.optimizer",
                 "callbacks.sample_grid.sampler", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
-                "trainer.strategy", "trainer.plugins", "data.num_workers", "data.root", "data.path")
+                "trainer.strategy", "trainer.plugins", "data.num_workers", "data.root", "data.path",
+                "sigma_data", "vp", "ve", "precond.out_channels_per_image_channel")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
