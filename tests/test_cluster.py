@@ -22,7 +22,7 @@ CONFIGS = ROOT / "configs"
 
 # A training of a few steps: 2-D toy data, a 1-block MLP, no sample grids, CSV logs.
 TINY = ["experiment=toy2d", "network.hidden_channels=16", "network.num_blocks=1", "data.batch_size=32",
-        "data.dataset.n=256", "logger=csv", "callbacks.sample_grid=null", "final_samples=null",
+        "data.dataset.n=256", "logger=csv", "callbacks.sample_grid=null",
         "extras.print_config=false", "model.lr_rampup_kimg=0.1"]
 
 

@@ -4,6 +4,8 @@ Finding and reading the checkpoint is `edmlab.checkpoints` (`resolve_ckpt_path`,
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
@@ -11,7 +13,24 @@ import torch
 from edmlab.checkpoints.errors import IncompatibleCheckpoint
 from edmlab.checkpoints.training import CHECKPOINT_KEY
 
-__all__ = ["check_compatible", "config_changes", "BREAKING_KEYS", "IGNORED_KEYS"]
+__all__ = ["check_resume", "check_compatible", "config_changes", "BREAKING_KEYS", "IGNORED_KEYS"]
+
+log = logging.getLogger(__name__)
+
+
+def check_resume(checkpoint: dict[str, Any], module: torch.nn.Module, run_config: dict[str, Any],
+                 source: str | os.PathLike) -> None:
+    """Refuse a checkpoint this run cannot continue (before Lightning opens it); log the settings applied anew.
+
+    `checkpoint` comes memory-mapped from `load_training_checkpoint`: only its metadata and tensor shapes are
+    read. Lightning's restore (`EDMModule.on_load_checkpoint`) does not repeat these checks."""
+    check_compatible(checkpoint, module)
+    breaking, applied = config_changes(checkpoint[CHECKPOINT_KEY].get("config") or {}, run_config)
+    if breaking:
+        raise IncompatibleCheckpoint(f"cannot resume {source}: {'; '.join(breaking)}. These change what "
+                                     "is trained; set them back, or drop ckpt_path to start a fresh run")
+    if applied:
+        log.warning(f"resuming with changed settings, applied from now on: {'; '.join(applied)}")
 
 
 def _diff(a: dict, b: dict) -> list[str]:
