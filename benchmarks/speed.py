@@ -302,7 +302,8 @@ def end_of_run(device: torch.device) -> dict:
     """What train.py does after the last step for the digits demo: final losses and the preview grid."""
     from hydra.utils import instantiate
 
-    from edmlab.cli.train import _final_losses, build_model
+    from edmlab.cli.train import build_model
+    from edmlab.training.final_losses import final_losses
     from edmlab.training.samples import draw_samples
 
     cfg = compose(["experiment=digits_edm", "logger=csv", "extras.print_config=false"])
@@ -310,11 +311,11 @@ def end_of_run(device: torch.device) -> dict:
     datamodule.setup("fit")
     model.to(device)
     t0 = time.perf_counter()
-    _final_losses(model, datamodule, **cfg.final_losses)
+    final_losses(model, datamodule, cfg.final_losses.num_images, cfg.final_losses.repeats)
     t1 = time.perf_counter()
-    _final_losses(model, datamodule, num_images=int(cfg.final_losses.num_images), repeats=1)
+    final_losses(model, datamodule, cfg.final_losses.num_images, repeats=1)
     t2 = time.perf_counter()
-    spec = cfg.final_samples
+    spec = cfg.callbacks.sample_grid
     draw_samples(model, instantiate(cfg.sampler), per_class=spec.per_class, num_unconditional=spec.num_unconditional,
                  seed=spec.seed, scale=spec.scale)
     t3 = time.perf_counter()
@@ -367,8 +368,9 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
     if end is not None:
         lines += ["", "## After the last step (digits demo)", "",
                   f"`final_losses` ({end['spec']}): {end['losses_s']:.1f} s ({end['losses_1_s']:.1f} s with "
-                  f"`final_losses.repeats=1`, none with `final_losses=null`); `final_samples` preview grid "
-                  f"({end['grid']}, {NFE} NFE): {end['grid_s']:.1f} s (none with `final_samples=null`)."]
+                  "`final_losses.repeats=1`, none with `final_losses=null`); `callbacks.sample_grid`'s end-of-run "
+                  f"grid ({end['grid']}, {NFE} NFE): {end['grid_s']:.1f} s (none with "
+                  "`callbacks.sample_grid.at_train_end=false`)."]
     path = RESULTS / "speed.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # a checkpoint after every step of 8 points: save n holds step n
 TOY = ["experiment=toy2d", "network.hidden_channels=16", "network.num_blocks=1", "data.dataset.n=64",
        "data.batch_size=8", "logger=csv", "extras.print_config=false", "callbacks.sample_grid=null",
-       "final_samples=null", "callbacks.checkpoint.every_kimg=0.008", "callbacks.progress.print_every_seconds=1000"]
+       "callbacks.checkpoint.every_kimg=0.008", "callbacks.progress.print_every_seconds=1000"]
 
 
 def _env(**extra: str) -> dict[str, str]:

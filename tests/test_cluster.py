@@ -22,7 +22,7 @@ CONFIGS = ROOT / "configs"
 
 # A training of a few steps: 2-D toy data, a 1-block MLP, no sample grids, CSV logs.
 TINY = ["experiment=toy2d", "network.hidden_channels=16", "network.num_blocks=1", "data.batch_size=32",
-        "data.dataset.n=256", "logger=csv", "callbacks.sample_grid=null", "final_samples=null",
+        "data.dataset.n=256", "logger=csv", "callbacks.sample_grid=null",
         "extras.print_config=false", "model.lr_rampup_kimg=0.1"]
 
 
@@ -64,19 +64,6 @@ def test_slurm_job_id_and_requeue_command(tmp_path):
     assert cluster.requeue(environ=env) is False
     assert cluster.requeue(environ={}) is False  # outside Slurm: nothing to requeue
     assert not cluster.Requeue.active({}) and cluster.Requeue.active({"SLURM_JOB_ID": "1"})
-
-
-def test_launch_info_torchrun_wins_over_slurm():
-    slurm = {"SLURM_JOB_ID": "9", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "16", "SLURM_NNODES": "2",
-             "SLURM_NTASKS_PER_NODE": "8", "SLURM_NODEID": "1", "SLURM_PROCID": "11", "SLURM_JOB_NAME": "train"}
-    assert cluster.launch_info(slurm) == cluster.LaunchInfo("slurm", 16, 2, 8, 1, 11)
-    # `srun torchrun --nproc-per-node=8` on 2 nodes: one Slurm task per node, torchrun's ranks inside
-    torchrun = {**slurm, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "TORCHELASTIC_RUN_ID": "abc",
-                "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "1", "RANK": "13"}
-    assert cluster.launch_info(torchrun) == cluster.LaunchInfo("torchrun", 16, 2, 8, 1, 13)
-    assert cluster.launch_info({"SLURM_JOB_ID": "9", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "1",
-                                "SLURM_JOB_NAME": "bash"}).launcher == "local"  # an interactive shell
-    assert cluster.launch_info({}).launcher == "local"
 
 
 def test_cluster_environment_for_lightning(monkeypatch):

@@ -51,7 +51,7 @@ def test_bit_flip_in_an_export_is_refused_unless_skipped(tmp_path):
 
 
 def test_bit_flip_in_last_ckpt_is_refused_on_resume_and_sampling(tmp_path):
-    train(compose_cfg(tmp_path, [*tiny("toy2d"), "trainer.max_steps=2", "final_samples=null"]))
+    train(compose_cfg(tmp_path, [*tiny("toy2d"), "trainer.max_steps=2", "callbacks.sample_grid=null"]))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert len(torch.load(ckpt, weights_only=True)["edmlab"]["sha256"]) == 64
     load_any(ckpt)

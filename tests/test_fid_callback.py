@@ -181,7 +181,7 @@ def test_train_py_logs_fid_and_returns_final_fid(tmp_path):
             f"callbacks.fid.ref={tmp_path}/ref.npz", "+callbacks.fid.detector._target_=test_fid_callback.PixelFeatures",
             "trainer.max_steps=6", "data.batch_size=16", "network.model_channels=8", "network.channel_mult=[1,1]",
             "network.num_blocks=1", "sampler.num_steps=2", "logger=csv", "callbacks.sample_grid=null",
-            "final_samples=null", "extras.print_config=false", "+optimized_metric=final/fid",
+            "extras.print_config=false", "+optimized_metric=final/fid",
             f"hydra.run.dir={run}"]
     done = subprocess.run([sys.executable, str(root / "train.py"), *args], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -16,7 +16,6 @@ import torch
 
 from edmlab import checkpoints
 from edmlab.checkpoints import load_any
-from edmlab.dist import distributed_env
 from edmlab.generation import (
     batches_for_rank,
     generate,
@@ -58,19 +57,6 @@ def read_pngs(outdir: Path, seeds) -> np.ndarray:
 
 def png_bytes(outdir: Path, seeds) -> list[bytes]:
     return [png_path(outdir, s).read_bytes() for s in seeds]
-
-
-# ------------------------------------------------------------------------------------------- ranks
-
-
-def test_distributed_env():
-    assert distributed_env({}) == (0, 1)
-    assert distributed_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4)  # torchrun
-    assert distributed_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8"}) == (5, 8)  # srun
-    assert distributed_env({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}) == (1, 2)  # Lightning, one node
-    assert distributed_env({"LOCAL_RANK": "1", "NODE_RANK": "1", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4"}) == (3, 4)
-    with pytest.raises(RuntimeError, match="not in"):
-        distributed_env({"RANK": "2", "WORLD_SIZE": "2"})
 
 
 # ------------------------------------------------------------------------------------------- per-seed bytes

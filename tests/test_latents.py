@@ -115,8 +115,7 @@ def test_latent_training_and_decoding_sampler(tmp_path, image_folder, vae_dir):
     from edmlab.cli.train import train
 
     dst = encode_folder(image_folder, vae_dir, tmp_path / "latents")
-    fast = [o for o in FAST if not o.startswith("final_samples")]  # img512_edm2 draws no final grid (latents)
-    cfg = compose_cfg(tmp_path, ["experiment=img512_edm2", *fast, "trainer=cpu", "trainer.max_steps=2",
+    cfg = compose_cfg(tmp_path, ["experiment=img512_edm2", *FAST, "trainer=cpu", "trainer.max_steps=2",
                                  f"data.dataset.path={dst}", "data.batch_size=4", f"encoder.vae_name={vae_dir}",
                                  "network.model_channels=8", "network.channel_mult=[1,2]", "network.num_blocks=1",
                                  "network.attn_resolutions=[4]", "+network.channels_per_head=8",

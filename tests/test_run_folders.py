@@ -18,7 +18,7 @@ from edmlab.cli.train import train
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["experiment=toy2d", "network.hidden_channels=16", "network.num_blocks=1", "data.dataset.n=64",
        "data.batch_size=8", "logger=csv", "extras.print_config=false", "callbacks.sample_grid=null",
-       "final_samples=null", "trainer.max_steps=2"]
+       "trainer.max_steps=2"]
 HOLD = ("import sys; from edmlab.cli.runlock import lock_run_dir; lock_run_dir(sys.argv[1]); "
         "print('held', flush=True); sys.stdin.read()")
 

@@ -33,8 +33,9 @@ TINY_NET = {  # per network family: the smallest network that still has every bl
     "mlp": ["network.hidden_channels=16", "network.num_blocks=1"],
 }
 FAST = ["logger=csv", "extras.print_config=false", "callbacks.sample_grid.every_kimg=null",
-        "callbacks.progress.print_every_seconds=1000", "final_samples.per_class=1", "final_samples.scale=1",
-        "final_samples.num_unconditional=4", "trainer.enable_model_summary=false", "data.num_workers=0"]
+        "callbacks.progress.print_every_seconds=1000", "callbacks.sample_grid.per_class=1",
+        "callbacks.sample_grid.scale=1", "callbacks.sample_grid.num_unconditional=4",
+        "trainer.enable_model_summary=false", "data.num_workers=0"]
 
 
 def write_cifar_folder(root: Path, per_batch: int = 8) -> Path:
@@ -297,10 +298,10 @@ def test_unknown_option_lists_valid_ones(tmp_path):
 
 
 def test_checkpoint_from_different_network_refuses_to_resume(tmp_path):
-    first = compose_cfg(tmp_path / "a", [*tiny("digits_edm"), "trainer.max_steps=1", "final_samples=null"])
+    first = compose_cfg(tmp_path / "a", [*tiny("digits_edm"), "trainer.max_steps=1", "callbacks.sample_grid=null"])
     train(first)
     ckpt = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
-    other = compose_cfg(tmp_path / "b", [*tiny("digits_edm"), "trainer.max_steps=2", "final_samples=null",
+    other = compose_cfg(tmp_path / "b", [*tiny("digits_edm"), "trainer.max_steps=2", "callbacks.sample_grid=null",
                                          "network.model_channels=16", f"ckpt_path={ckpt}"])
     with pytest.raises(IncompatibleCheckpoint) as err:
         train(other)

@@ -20,7 +20,7 @@ def test_ddp_two_cpu_processes_share_one_run_folder(tmp_path):
             "network.model_channels=8", "network.channel_mult=[1,1]", "network.num_blocks=1",
             "data.batch_size=16",
             "logger=csv", "extras.print_config=false", "callbacks.sample_grid.every_kimg=0.032",
-            "final_samples.per_class=1", "final_samples.scale=1", f"paths.log_dir={logs}"]
+            "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.scale=1", f"paths.log_dir={logs}"]
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-6000:]
@@ -46,7 +46,7 @@ def test_ddp_multirun_gives_each_job_its_own_two_ranks(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "trainer=ddp_cpu", "trainer.devices=2", "optim.lr=1e-3,2e-3", "trainer.max_steps=2",
             "network.model_channels=8", "network.channel_mult=[1,1]", "network.num_blocks=1",
-            "data.batch_size=16", "logger=csv", "extras.print_config=false", "final_samples=null",
+            "data.batch_size=16", "logger=csv", "extras.print_config=false",
             "callbacks.sample_grid=null", f"hydra.sweep.dir={sweep}"]
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

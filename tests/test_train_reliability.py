@@ -16,7 +16,7 @@ from edmlab.checkpoints import EXPORT_NAME, saved_step
 from edmlab.cli.train import main, train
 from edmlab.cluster import Requeue
 
-BASE = [*tiny("digits_edm"), "final_samples=null", "model.lr_rampup_kimg=0"]
+BASE = [*tiny("digits_edm"), "callbacks.sample_grid=null", "model.lr_rampup_kimg=0"]
 
 
 class SendSignal(L.Callback):
@@ -100,7 +100,7 @@ def test_divergence_stops_with_exit_1_and_keeps_the_last_healthy_checkpoint(tmp_
      "callbacks.sample_grid.sampler: num_steps must be an integer"),
     ("sampler.sigma_min=100", "sampler: need 0 < sigma_min < sigma_max < inf, got sigma_min=100"),
     ("sampler.solver=hune", "sampler: unknown solver 'hune'; valid names: euler, heun"),
-    ("final_samples.scale=0", "final_samples.scale=0: expected an integer >= 1"),
+    ("callbacks.sample_grid.scale=0", "callbacks.sample_grid.scale=0: expected an integer >= 1"),
     ("callbacks.sample_grid.per_class=-1", "callbacks.sample_grid.per_class=-1: expected an integer >= 1"),
 ])
 def test_bad_settings_fail_at_start_up_in_one_line_naming_the_key(tmp_path, override, message, monkeypatch):

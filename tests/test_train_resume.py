@@ -21,7 +21,7 @@ TINY = ["experiment=digits_edm", "network.model_channels=8", "network.channel_mu
         "network.num_blocks=1", "network.dropout=0.2",
         "model.augment_pipe={_target_:edmlab.data.AugmentPipe,p:0.5}", "data.batch_size=16", "logger=csv",
         "trainer.log_every_n_steps=1", "extras.print_config=false", "callbacks.sample_grid=null",
-        "final_samples=null", "model.lr_rampup_kimg=0.05", "model.ema_halflife_kimg=0.1",
+        "model.lr_rampup_kimg=0.05", "model.ema_halflife_kimg=0.1",
         "callbacks.checkpoint.every_kimg=0.064"]  # a checkpoint every 4 steps
 
 
@@ -92,11 +92,12 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_losses(tmp_path):
 
 def test_sigterm_saves_and_stops_cleanly(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd("trainer.max_steps=100000", "callbacks.checkpoint.every_kimg=null",
-                                 "callbacks.progress.print_every_seconds=0", "model.lr_rampup_kimg=0",
-                                 "final_samples={per_class:1,num_unconditional:4,seed:0,scale:1}",
-                                 f"hydra.run.dir={run}"), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    grid = ["callbacks.sample_grid.every_kimg=null", "callbacks.sample_grid.per_class=1",
+            "callbacks.sample_grid.num_unconditional=4", "callbacks.sample_grid.scale=1"]  # only at the end
+    cmd = [a for a in _cmd("trainer.max_steps=100000", "callbacks.checkpoint.every_kimg=null",
+                           "callbacks.progress.print_every_seconds=0", "model.lr_rampup_kimg=0", *grid,
+                           f"hydra.run.dir={run}") if a != "callbacks.sample_grid=null"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
         for line in proc.stdout:  # one status line per step (print_every_seconds=0)
@@ -114,7 +115,8 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert 3 <= saved["global_step"] < 100000
     assert (run / "checkpoints" / "last_ema.pt").is_file()
-    assert not (run / "samples.png").exists()  # a stopped run skips the final grid: the job should exit now
+    # a stopped run skips the end-of-run grid (and the final losses): the job should exit now
+    assert not (run / "samples.png").exists() and not (run / "samples").exists()
 
 
 def test_restart_in_its_own_folder_resumes_without_ckpt_path(tmp_path):

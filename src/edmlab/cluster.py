@@ -1,4 +1,4 @@
-"""Clusters: Slurm job ids, requeue on the time-limit signal, the launcher in charge, GPUs per node.
+"""Clusters: Slurm job ids, requeue on the time-limit signal, Lightning's cluster environment, GPUs per node.
 
 Slurm sends `--signal=USR1@<s>` seconds before a job's time limit. `edmlab.training.Checkpoint`
 saves `last.ckpt` at the next step boundary (all ranks agree) and stops; `Requeue` then runs
@@ -16,14 +16,15 @@ import shlex
 import signal as signal_module
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["EXIT_REQUEUED", "REQUEUE_CMD_ENV", "Requeue", "LaunchInfo", "launch_info", "slurm_job_id",
-           "requeue_command", "requeue", "cluster_environment", "slurm_gpus_per_node", "slurm_tasks_per_node",
-           "local_gpu_count", "register_resolvers"]
+from edmlab.dist import launch_info
+
+__all__ = ["EXIT_REQUEUED", "REQUEUE_CMD_ENV", "Requeue", "slurm_job_id", "requeue_command", "requeue",
+           "cluster_environment", "slurm_gpus_per_node", "slurm_tasks_per_node", "local_gpu_count",
+           "register_resolvers"]
 
 log = logging.getLogger(__name__)
 
@@ -42,43 +43,6 @@ def slurm_job_id(environ: Mapping[str, str] | None = None) -> str | None:
     if array_job and task:
         return f"{array_job}_{task}"
     return env.get("SLURM_JOB_ID") or None
-
-
-@dataclass(frozen=True)
-class LaunchInfo:
-    """Who started this process and the world it belongs to."""
-
-    launcher: str           # "torchrun", "slurm" (srun) or "local" (Lightning starts the other ranks itself)
-    world_size: int
-    num_nodes: int
-    tasks_per_node: int
-    node_rank: int
-    global_rank: int
-
-
-def _int(env: Mapping[str, str], *names: str, default: int) -> int:
-    for name in names:
-        value = env.get(name, "")
-        if value.strip().isdigit():
-            return int(value)
-    return default
-
-
-def launch_info(environ: Mapping[str, str] | None = None) -> LaunchInfo:
-    """torchrun wins over Slurm: `srun torchrun ...` starts one torchrun per node, which starts the ranks."""
-    env = _env(environ)
-    if env.get("TORCHELASTIC_RUN_ID") is not None and "LOCAL_WORLD_SIZE" in env:
-        world, local = _int(env, "WORLD_SIZE", default=1), _int(env, "LOCAL_WORLD_SIZE", default=1)
-        return LaunchInfo("torchrun", world, max(1, world // max(local, 1)), local,
-                          _int(env, "GROUP_RANK", default=0), _int(env, "RANK", default=0))
-    if env.get("SLURM_STEP_ID") is not None and "SLURM_NTASKS" in env and \
-            env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        world = _int(env, "SLURM_NTASKS", default=1)
-        nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", default=1)
-        per_node = _int(env, "SLURM_NTASKS_PER_NODE", default=max(1, world // max(nodes, 1)))
-        return LaunchInfo("slurm", world, nodes, per_node, _int(env, "SLURM_NODEID", default=0),
-                          _int(env, "SLURM_PROCID", default=0))
-    return LaunchInfo("local", 1, 1, 1, 0, 0)
 
 
 def cluster_environment(environ: Mapping[str, str] | None = None):

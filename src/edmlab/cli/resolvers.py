@@ -10,7 +10,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-__all__ = ["register", "run_stamp", "global_rank", "steps_for_kimg", "repo_root"]
+from edmlab import dist
+
+__all__ = ["register", "run_stamp", "steps_for_kimg", "repo_root"]
 
 
 def repo_root() -> str:
@@ -19,14 +21,6 @@ def repo_root() -> str:
         return os.environ["EDMLAB_ROOT"]
     root = Path(__file__).resolve().parents[3]
     return str(root if (root / "configs").is_dir() else Path.cwd())
-
-
-def global_rank() -> int:
-    """This process's rank as set by the launcher (torchrun, SLURM srun, Lightning), 0 if none."""
-    for var in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
 
 
 _stamps: dict[str, str] = {}  # parent folder -> the name this process claimed in it
@@ -77,15 +71,13 @@ def steps_for_kimg(kimg: float, batch_size: int) -> int:
 
 def _job_name(default: str) -> str:
     """Hydra's job (log file) name: rank > 0 processes started by srun/torchrun log to their own file."""
-    rank = global_rank()
+    rank = dist.global_rank()
     return default if rank == 0 else f"{default}_rank{rank}"
 
 
 def _output_subdir(default: str) -> str | None:
     """Only rank 0 writes the .hydra/ folder (all ranks share one run folder), once it holds the folder's lock."""
-    from edmlab import dist
-
-    if global_rank() != 0 or dist.global_rank() != 0:
+    if dist.global_rank() != 0:
         return None
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

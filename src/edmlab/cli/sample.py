@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from edmlab.checkpoints import CKPT_DIR, Loaded, load_any
 from edmlab.cli.resolvers import register, repo_root
-from edmlab.dist import distributed_env
+from edmlab.dist import distributed_env, local_rank
 from edmlab.generation import GenerateResult, generate, parse_seeds
 from edmlab.guidance import guided
 
@@ -41,13 +40,12 @@ CONFIG_DIR = str(Path(repo_root()) / "configs")
 
 def resolve_device(name: str) -> torch.device:
     """auto: this local rank's GPU when CUDA is there, else the CPU; cuda: this local rank's GPU."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"device={name}, but CUDA is not available here; use device=cpu or device=auto")
-        device = torch.device(name if ":" in name else f"cuda:{local_rank % torch.cuda.device_count()}")
+        device = torch.device(name if ":" in name else f"cuda:{local_rank() % torch.cuda.device_count()}")
         torch.cuda.set_device(device)
         return device
     return torch.device(name)

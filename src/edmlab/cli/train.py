@@ -1,11 +1,9 @@
 """`python train.py [overrides]`: compose configs/train.yaml, build data, denoiser, loss and trainer, fit.
 
-Objects come from the config by `_target_`: the data module, the network
-(`edmlab.networks.build`, partial; its data-dependent sizes are filled in here),
-the preconditioning (`edmlab.precond.Denoiser`, partial), the loss recipe, the
-optimizer (partial), loggers and callbacks. Resuming (`ckpt_path=last`, a run
-folder or a file) restores everything the checkpoint holds and continues the
-wandb run.
+Objects come from the config by `_target_`: the data module, the network (`edmlab.networks.build`, partial; its
+data-dependent sizes are filled in here), the preconditioning (`edmlab.precond.Denoiser`, partial), the loss
+recipe, the optimizer (partial), loggers and callbacks (with `final_losses`). Resuming (`ckpt_path=last`, a run
+folder or a file) restores everything the checkpoint holds and continues the wandb run.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,31 +19,39 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from edmlab.cli.resolvers import global_rank, register, repo_root
+from edmlab import dist
+from edmlab.cli.resolvers import register, repo_root
 
 if TYPE_CHECKING:  # Lightning is imported when training starts: `train.py --help` stays quick
     import lightning as L
 
-__all__ = ["main", "train", "build_model", "CONFIG_DIR"]
+__all__ = ["main", "train", "build_model", "denoiser_factory", "CONFIG_DIR", "PRECOND_OUT_CHANNELS"]
 
 log = logging.getLogger("edmlab.train")
 
 register()
 CONFIG_DIR = str(Path(repo_root()) / "configs")
-_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")  # set by Lightning
+PRECOND_OUT_CHANNELS = "out_channels_per_image_channel"  # configs/precond/iddpm.yaml
 
 
 def _data_shape(datamodule) -> tuple[list[int], int, int]:
     """(shape of one item, img_resolution, img_channels) for networks.build; vectors are [d] with res 1."""
     if hasattr(datamodule, "image_shape"):
-        c, h, w = datamodule.image_shape
-        if h != w:
-            raise ValueError(f"data: images are {h}x{w}; the networks need square images")
-        return [c, h, w], h, c
+        # img_resolution refuses non-square images (edmlab.data.images.square_side)
+        return [*map(int, datamodule.image_shape)], int(datamodule.img_resolution), int(datamodule.img_channels)
     if hasattr(datamodule, "dim"):
         return [int(datamodule.dim)], 1, int(datamodule.dim)
     raise TypeError(f"data: {type(datamodule).__name__} has neither image_shape nor dim; "
                     "use edmlab.data.ImageDataModule or VectorDataModule")
+
+
+def denoiser_factory(precond: DictConfig) -> tuple[Callable[[torch.nn.Module], torch.nn.Module], int]:
+    """(network -> edmlab.precond.Denoiser, output channels per image channel the network needs) from `precond`."""
+    from hydra.utils import instantiate
+
+    kwargs = OmegaConf.to_container(precond, resolve=True)
+    per_channel = int(kwargs.pop(PRECOND_OUT_CHANNELS, 1))  # iDDPM's F also predicts a variance
+    return instantiate(kwargs), per_channel
 
 
 def build_model(cfg: DictConfig, datamodule=None, run_config: dict | None = None):
@@ -61,10 +67,10 @@ def build_model(cfg: DictConfig, datamodule=None, run_config: dict | None = None
     augment_dim = augment_pipe.augment_dim if augment_pipe is not None else 0
     build_kwargs: dict[str, Any] = dict(img_resolution=resolution, img_channels=channels,
                                         label_dim=int(datamodule.label_dim), augment_dim=augment_dim)
-    if cfg.precond.get("kind") == "iddpm" and "out_channels" not in cfg.network:
-        build_kwargs["out_channels"] = 2 * channels  # iDDPM's network also predicts a variance
-    net = instantiate(cfg.network)(**build_kwargs)
-    denoiser = instantiate(cfg.precond)(net)
+    make_denoiser, per_channel = denoiser_factory(cfg.precond)
+    if per_channel != 1 and "out_channels" not in cfg.network:
+        build_kwargs["out_channels"] = per_channel * channels
+    denoiser = make_denoiser(instantiate(cfg.network)(**build_kwargs))
     recipe = instantiate(cfg.loss)
     model = instantiate(cfg.model, denoiser=denoiser, recipe=recipe, augment_pipe=augment_pipe,
                         data_shape=data_shape, _convert_="all")
@@ -72,16 +78,17 @@ def build_model(cfg: DictConfig, datamodule=None, run_config: dict | None = None
     return datamodule, model
 
 
-def _instantiate_all(section: DictConfig | None, what: str, **extra) -> list:
+def _instantiate_all(section: DictConfig | dict | None, prefix: str, **extra) -> dict[str, Any]:
+    """{config key: object} for each `_target_` node of a section; null entries are switched off."""
     from hydra.utils import instantiate
 
-    out = []
+    out = {}
     for name, node in (section or {}).items():
         if isinstance(node, DictConfig) and "_target_" in node:
             kwargs = {k: v for k, v in extra.get(name, {}).items() if v is not None}
-            out.append(instantiate(node, **kwargs))
+            out[f"{prefix}{name}"] = instantiate(node, **kwargs)
         elif node is not None:
-            raise ValueError(f"{what}.{name}: expected a config with _target_, got {node!r}")
+            raise ValueError(f"{prefix}{name}: expected a config with _target_, got {node!r}")
     return out
 
 
@@ -119,29 +126,8 @@ def _share_run_dir_with_ranks(output_dir: Path) -> None:
         sys.argv = [sys.argv[0], *hydra_cfg.hydra.overrides.task]
 
 
-def _apply_extras(cfg: DictConfig) -> None:
-    extras = cfg.get("extras") or {}
-    if extras.get("ignore_warnings"):
-        warnings.filterwarnings("ignore")
-    if extras.get("allow_tf32") is not None:
-        torch.backends.cuda.matmul.allow_tf32 = bool(extras.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = bool(extras.allow_tf32)
-    if extras.get("attention"):
-        from edmlab.networks.layers import set_attention
-
-        set_attention(str(extras.attention))
-    if extras.get("cudnn_benchmark") is not None:
-        torch.backends.cudnn.benchmark = bool(extras.cudnn_benchmark)
-    if extras.get("print_config") and global_rank() == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        from rich.console import Console
-        from rich.syntax import Syntax
-
-        Console(stderr=True).print(Syntax(OmegaConf.to_yaml(cfg, resolve=False), "yaml", theme="ansi_dark"))
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit as the config says; returns the final metrics and the paths written."""
-    from edmlab import dist
     from edmlab.cli.runlock import lock_run_dir, unlock_run_dir
 
     output_dir = Path(cfg.paths.output_dir)
@@ -154,26 +140,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _fit(cfg: DictConfig) -> dict[str, Any]:
-    from hydra.utils import instantiate
-
-    from edmlab import dist
     from edmlab.checkpoints import (
         CHECKPOINT_KEY,
         CKPT_DIR,
         CKPT_NAME,
-        IncompatibleCheckpoint,
         load_training_checkpoint,
         resolve,
     )
-    from edmlab.cli.validate import check_types
+    from edmlab.cli.extras import apply_extras
+    from edmlab.cli.validate import check_callbacks, check_types
     from edmlab.training.checkpoint import sync_export
-    from edmlab.training.resume import check_compatible, config_changes
-    from edmlab.training.samples import draw_samples
+    from edmlab.training.progress import stopped_by_signal
+    from edmlab.training.resume import check_resume
+    from edmlab.training.samples import SampleGrid
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _share_run_dir_with_ranks(output_dir)
-    _apply_extras(cfg)
+    apply_extras(cfg)
     if cfg.get("seed") is not None:
         import lightning as L
 
@@ -196,95 +180,35 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
     wandb_id = None
     if ckpt_path is not None:
         checkpoint = load_training_checkpoint(ckpt_path, verify=bool(cfg.get("verify_checkpoint", True)))
-        check_compatible(checkpoint, model)  # before Lightning touches it: a clear reason, no traceback maze
-        breaking, applied = config_changes(checkpoint[CHECKPOINT_KEY].get("config") or {}, run_config)
-        if breaking:
-            raise IncompatibleCheckpoint(f"cannot resume {ckpt_path}: {'; '.join(breaking)}. These change what "
-                                         "is trained; set them back, or drop ckpt_path to start a fresh run")
-        if applied:
-            log.warning(f"resuming with changed settings, applied from now on: {'; '.join(applied)}")
+        check_resume(checkpoint, model, run_config, ckpt_path)  # before Lightning: a clear reason, no traceback
         wandb_id = checkpoint[CHECKPOINT_KEY].get("wandb_run_id")
         log.info(f"resuming from {ckpt_path} (step {checkpoint.get('global_step')}, wandb run {wandb_id})")
         del checkpoint
 
-    loggers = _instantiate_all(cfg.get("logger"), "logger", wandb={"id": wandb_id})
-    callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks")
-    _check_sampling_settings(cfg, model, callbacks)  # before fit: not at the first grid, hours in
-    trainer = _make_trainer(cfg, callbacks, loggers)
+    loggers = list(_instantiate_all(cfg.get("logger"), "logger.", wandb={"id": wandb_id}).values())
+    callbacks = {**_instantiate_all(cfg.get("callbacks"), "callbacks."),
+                 **_instantiate_all({"final_losses": cfg.get("final_losses")}, "")}
+    check_callbacks(model, callbacks)  # before fit: not at the first grid, hours in
+    trainer = _make_trainer(cfg, list(callbacks.values()), loggers)
     if trainer.is_global_zero:
         for logger in loggers:
-            if type(logger).__name__ == "WandbLogger":  # its id goes into checkpoints: a resume continues it
-                model.wandb_run_id = getattr(logger.experiment, "id", None)
             logger.log_hyperparams(run_config)
 
-    launcher_env = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
-    try:
+    with dist.scoped_launch():  # the next job of a sweep in this process starts its own ranks
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True if ckpt_path else None)
-    finally:
-        # the next job of a sweep in this process must start its own ranks: Lightning's launcher reads
-        # LOCAL_RANK & co. as "processes are created externally", and the old process group is dead
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for key, value in launcher_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
     result: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result["output_dir"] = str(output_dir)
-    stopped = next((c.stopped_by_signal for c in callbacks if getattr(c, "stopped_by_signal", None)), None)
+    stopped = stopped_by_signal(trainer)
     if stopped:
         result["stopped_by_signal"] = stopped
-    if trainer.is_global_zero and not stopped and cfg.get("final_losses"):
-        result.update(_final_losses(model, datamodule, **cfg.final_losses))
-    if trainer.is_global_zero and not stopped and cfg.get("final_samples"):
-        spec = cfg.final_samples
-        image = draw_samples(model, instantiate(cfg.sampler), per_class=spec.per_class,
-                             num_unconditional=spec.num_unconditional, seed=spec.seed, scale=spec.scale)
-        from edmlab.generation.grid import save_png
-
-        path = save_png(image, output_dir / "samples.png")
-        result["samples"] = str(path)
-        print(f"samples ({'one row per class' if model.label_dim else 'unconditional'}): {path}", flush=True)
+    grid = next((c.final_grid for c in callbacks.values() if isinstance(c, SampleGrid) and c.final_grid), None)
+    if grid is not None:  # rank 0, when the run ended with its grid
+        result["samples"] = str(grid)
+        print(f"samples ({'one row per class' if model.label_dim else 'unconditional'}): {grid}", flush=True)
         print(f"run folder: {output_dir}", flush=True)
     return result
-
-
-def _check_sampling_settings(cfg: DictConfig, model, callbacks: list) -> None:
-    """Dry-run every sampler the run will use and check the grid sizes and callbacks' own settings."""
-    from hydra.utils import instantiate
-
-    from edmlab.cli.validate import check_sampling
-
-    samplers, grids, checks = {}, {}, {}
-    if cfg.get("final_samples"):
-        samplers["sampler"] = instantiate(cfg.sampler)
-        grids["final_samples"] = OmegaConf.to_container(cfg.final_samples, resolve=True)
-    names = [k for k, v in (cfg.get("callbacks") or {}).items() if isinstance(v, DictConfig) and "_target_" in v]
-    for name, callback in zip(names, callbacks, strict=True):
-        if callable(getattr(callback, "sampler", None)):
-            samplers[f"callbacks.{name}.sampler"] = callback.sampler
-        if all(hasattr(callback, a) for a in ("per_class", "num_unconditional", "scale")):
-            grids[f"callbacks.{name}"] = {a: getattr(callback, a) for a in ("per_class", "num_unconditional", "scale")}
-        if callable(getattr(callback, "check_settings", None)):  # e.g. a metric callback's own settings
-            checks[f"callbacks.{name}"] = lambda c=callback: c.check_settings(model)
-    check_sampling(model.ema.module, model.data_shape, samplers, grids, checks)
-
-
-def _final_losses(model, datamodule, num_images: int = 1024, repeats: int = 4) -> dict[str, float]:
-    """EDM's loss of the EMA and the raw weights on a fixed subset of the data with fixed draws."""
-    from edmlab.training.module import reference_loss
-
-    dataset = datamodule.dataset
-    generator = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(dataset), generator=generator)[:num_images].tolist()
-    images, labels = datamodule.collate([dataset[i] for i in idx])
-    images = images.to(model.device)
-    labels = labels.to(model.device) if labels is not None and model.label_dim else None
-    return {"final/ema_loss": reference_loss(model.ema.module, images, labels, repeats=repeats),
-            "final/loss": reference_loss(model.denoiser.eval(), images, labels, repeats=repeats)}
 
 
 def _in_sweep() -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ConfigError", "check_types", "check_sampling"]
+__all__ = ["ConfigError", "check_types", "check_sampling", "check_callbacks"]
 
 _SKIP = ("hydra", "paths")
 
@@ -122,3 +122,16 @@ def check_sampling(denoiser: nn.Module, data_shape: list[int], samplers: Mapping
             check()
         except (TypeError, ValueError, KeyError) as e:
             raise ConfigError(f"{key}: {e}") from None
+
+
+def check_callbacks(model: nn.Module, callbacks: Mapping[str, Any]) -> None:
+    """`check_sampling` for every callback's sampler, grid sizes and own `check_settings`, named by config key."""
+    samplers, grids, checks = {}, {}, {}
+    for key, callback in callbacks.items():
+        if callable(getattr(callback, "sampler", None)):
+            samplers[f"{key}.sampler"] = callback.sampler
+        if all(hasattr(callback, a) for a in ("per_class", "num_unconditional", "scale")):
+            grids[key] = {a: getattr(callback, a) for a in ("per_class", "num_unconditional", "scale")}
+        if callable(getattr(callback, "check_settings", None)):  # e.g. a metric callback's own settings
+            checks[key] = lambda c=callback: c.check_settings(model)
+    check_sampling(model.ema.module, model.data_shape, samplers, grids, checks)

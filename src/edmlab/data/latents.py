@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from edmlab.data.datamodule import InfiniteDataModule, ShardedBatches
-from edmlab.data.images import ImageDataset, check_labels
+from edmlab.data.images import ImageDataset, check_labels, square_side
 from edmlab.encoders import Encoder
 
 __all__ = ["LatentDataset", "LatentDataModule", "write_latent_dataset", "LATENTS", "LABELS", "META"]
@@ -99,7 +99,7 @@ class LatentDataModule(InfiniteDataModule):
 
     @property
     def img_resolution(self) -> int:
-        return self.image_shape[1]
+        return square_side(self.image_shape, "latents")
 
     def collate(self, items: list, generator: torch.Generator | None = None) -> tuple:
         """Final latents drawn from the items' raw latents (EDM2's encode_latents), and labels."""

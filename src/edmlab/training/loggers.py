@@ -8,13 +8,15 @@ import logging
 import netrc
 import os
 import socket
+from collections.abc import Sequence
 from urllib.parse import urlparse
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-__all__ = ["wandb_mode", "wandb_logger", "CSVLogger"]
+__all__ = ["wandb_mode", "wandb_logger", "wandb_run_id", "CSVLogger"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,17 @@ def wandb_logger(save_dir: str, project: str = "edmlab", name: str | None = None
     mode = wandb_mode(mode)
     os.makedirs(save_dir, exist_ok=True)
     return WandbLogger(save_dir=save_dir, project=project, name=name, id=id, mode=mode, **kwargs)
+
+
+def wandb_run_id(loggers: Sequence[Logger]) -> str | None:
+    """The id of the wandb run among `loggers` (what a resume passes back as `id`), None without one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run_id = getattr(logger.experiment, "id", None)
+            return run_id if isinstance(run_id, str) else None  # ranks > 0 hold a stand-in experiment
+    return None
 
 
 def _step(row: dict) -> float:

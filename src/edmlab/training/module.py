@@ -25,6 +25,7 @@ import edmlab.training.rng as rng
 from edmlab import loss as losses
 from edmlab.checkpoints.training import CHECKPOINT_KEY, EMA_PREFIX, META_FORMAT, META_VERSION
 from edmlab.training.ema import EMA, PowerFunctionEMA
+from edmlab.training.loggers import wandb_run_id
 
 __all__ = ["EDMModule", "LearningRate", "reference_loss", "TrainingDiverged"]
 
@@ -252,6 +253,8 @@ class EDMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._apply_configured_optimizer()
+        if self.trainer.is_global_zero:  # after the restore: the wandb run this one is (or continues) wins
+            self.wandb_run_id = wandb_run_id(self.loggers) or self.wandb_run_id
         if self._rng_stream is None:  # fresh run: a stream per rank (EDM seeds each rank differently)
             rng.seed_all(rng.derive_seed(self.seed, self.global_rank))
             self._rng_stream = rng.get_state()
@@ -298,14 +301,12 @@ class EDMModule(L.LightningModule):
         checkpoint[CHECKPOINT_KEY] = meta
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from edmlab.training.resume import check_compatible
-
+        # train.py checked the file against this module before fit (edmlab.training.resume.check_resume)
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
             raise ValueError("this checkpoint has no 'edmlab' entry: it was not written by edmlab's "
                              "training; "
                              "resume only from a last.ckpt of `python train.py`")
-        check_compatible(checkpoint, self)
         counters = meta.get("counters", {})
         self.skipped_steps = int(counters.get("skipped_steps", 0))
         self.nonfinite_losses = int(counters.get("nonfinite_losses", 0))

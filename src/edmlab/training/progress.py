@@ -14,7 +14,7 @@ import time
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["KimgProgress", "StepCallback", "crossed_kimg", "format_eta", "tick_name"]
+__all__ = ["KimgProgress", "StepCallback", "crossed_kimg", "format_eta", "tick_name", "stopped_by_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ def tick_name(prefix: str, step: int, batch_size: int, every_kimg: float | None,
     if every_kimg is not None and every_kimg < 1:
         return f"{prefix}-step{step:07d}{suffix}"
     return f"{prefix}-{round(step * batch_size / 1000):06d}{suffix}"
+
+
+def stopped_by_signal(trainer: L.Trainer) -> str | None:
+    """The signal a callback stopped training on (`callbacks.checkpoint`'s SIGTERM/SIGINT/...), None if none."""
+    return next((c.stopped_by_signal for c in trainer.callbacks if getattr(c, "stopped_by_signal", None)), None)
 
 
 def format_eta(seconds: float) -> str:

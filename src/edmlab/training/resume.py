@@ -4,6 +4,8 @@ Finding and reading the checkpoint is `edmlab.checkpoints` (`resolve`, `load_tra
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
@@ -11,7 +13,24 @@ import torch
 from edmlab.checkpoints.errors import IncompatibleCheckpoint
 from edmlab.checkpoints.training import CHECKPOINT_KEY
 
-__all__ = ["check_compatible", "config_changes", "BREAKING_KEYS", "IGNORED_KEYS"]
+__all__ = ["check_resume", "check_compatible", "config_changes", "BREAKING_KEYS", "IGNORED_KEYS"]
+
+log = logging.getLogger(__name__)
+
+
+def check_resume(checkpoint: dict[str, Any], module: torch.nn.Module, run_config: dict[str, Any],
+                 source: str | os.PathLike) -> None:
+    """Refuse a checkpoint this run cannot continue (before Lightning opens it); log the settings applied anew.
+
+    `checkpoint` comes memory-mapped from `load_training_checkpoint`: only its metadata and tensor shapes are
+    read. Lightning's restore (`EDMModule.on_load_checkpoint`) does not repeat these checks."""
+    check_compatible(checkpoint, module)
+    breaking, applied = config_changes(checkpoint[CHECKPOINT_KEY].get("config") or {}, run_config)
+    if breaking:
+        raise IncompatibleCheckpoint(f"cannot resume {source}: {'; '.join(breaking)}. These change what "
+                                     "is trained; set them back, or drop ckpt_path to start a fresh run")
+    if applied:
+        log.warning(f"resuming with changed settings, applied from now on: {'; '.join(applied)}")
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -52,12 +71,15 @@ def check_compatible(checkpoint: dict[str, Any], module: torch.nn.Module) -> Non
 
 
 # Changing these mid-run makes a different run: refused on resume. Everything else (optim.*, durations, intervals,
-# EMA and LR schedule settings) is applied and logged; IGNORED_KEYS say where the run happens, not what it is.
+# EMA and LR schedule settings) is applied and logged; IGNORED_KEYS say where the run happens, not what it is, or
+# are compared where they are used: the shared constants (sigma_data, vp.*, ve.*) in precond.*, loss.*, process.*;
+# iDDPM's output-channel factor in the network's own out_channels.
 BREAKING_KEYS = ("network", "precond", "data.batch_size", "model.batch_size", "model.augment_pipe",
                  "model.phema_sigma_rels", "model.data_shape")
 IGNORED_KEYS = ("paths", "hydra", "ckpt_path", "logger", "extras", "tags", "task_name", "model.optimizer",
                 "callbacks.sample_grid.sampler", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
-                "trainer.strategy", "trainer.plugins", "data.num_workers", "data.root", "data.path")
+                "trainer.strategy", "trainer.plugins", "data.num_workers", "data.root", "data.path",
+                "sigma_data", "vp", "ve", "precond.out_channels_per_image_channel")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

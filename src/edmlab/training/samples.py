@@ -15,7 +15,7 @@ import PIL.Image
 
 from edmlab.generation.grid import preview_samples, render, save_png
 from edmlab.guidance import guided
-from edmlab.training.progress import StepCallback, tick_name
+from edmlab.training.progress import StepCallback, stopped_by_signal, tick_name
 
 __all__ = ["SampleGrid", "draw_samples"]
 
@@ -48,7 +48,10 @@ def _log_image(trainer: L.Trainer, key: str, image: PIL.Image.Image) -> None:
 
 
 class SampleGrid(StepCallback):
-    """Every `every_kimg`, sample the same seeds with the EMA weights; rank 0 writes `dirpath/<kimg>.png`."""
+    """Every `every_kimg` and after the last step, sample the same seeds with the EMA weights.
+
+    Rank 0 writes `dirpath/<kimg>.png` (the end-of-run grid: `final_path` when given) and sends it to the loggers.
+    """
 
     def __init__(self,
                  sampler: Callable,                  # partial edmlab.sampling.sample (the `sampler` config)
@@ -58,9 +61,10 @@ class SampleGrid(StepCallback):
                  num_unconditional: int = 64,        # images for unconditional models
                  seed: int = 0,                      # first seed; image i uses seed + i
                  scale: int = 1,                     # nearest-neighbour upscaling of the saved grid
-                 at_train_end: bool = True,
+                 at_train_end: bool = True,          # a grid after the last step (not after a signal's stop)
                  guidance: float = 1.0,              # classifier-free guidance weight w (1: none)
                  guidance_interval: Sequence[float] | None = None,  # [sigma_lo, sigma_hi] where w applies
+                 final_path: str | None = None,      # the end-of-run grid goes here (None: into dirpath)
                  ) -> None:
         self.sampler = sampler
         self.dirpath = Path(dirpath)
@@ -69,7 +73,10 @@ class SampleGrid(StepCallback):
         self.seed, self.scale = seed, scale
         self.at_train_end = at_train_end
         self.guidance, self.guidance_interval = float(guidance), guidance_interval
+        self.final_path = Path(final_path) if final_path else None
+        self.final_grid: Path | None = None  # the end-of-run grid rank 0 wrote
         self._drawn_step = -1
+        self._last: tuple[Path, PIL.Image.Image] | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -80,7 +87,8 @@ class SampleGrid(StepCallback):
             log.warning("sample_grid.guidance != 1, but the network trains without label dropout: its "
                         "unconditional branch is untrained (set network.label_dropout, e.g. 0.1)")
 
-    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, path: Path | None = None) -> Path | None:
+        """Sample the grid now; rank 0 writes it to `path` (default: dirpath/<kimg>.png) and the loggers."""
         self._drawn_step = trainer.global_step
         if not trainer.is_global_zero:
             return None
@@ -89,7 +97,8 @@ class SampleGrid(StepCallback):
                              guidance=self.guidance, guidance_interval=self.guidance_interval)
         kimg = trainer.global_step * pl_module.batch_size / 1000
         name = tick_name("samples", trainer.global_step, pl_module.batch_size, self.every_kimg, ".png")
-        path = save_png(image, self.dirpath / name)
+        path = save_png(image, path or self.dirpath / name)
+        self._last = (path, image)
         _log_image(trainer, "samples", image)
         log.info(f"sample grid at {kimg:.1f} kimg: {path}")
         return path
@@ -99,5 +108,10 @@ class SampleGrid(StepCallback):
             self.draw(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_train_end and self._drawn_step != trainer.global_step:
-            self.draw(trainer, pl_module)
+        if not self.at_train_end or stopped_by_signal(trainer):
+            return  # a preempted job saves and exits now; the resumed run draws at its own end
+        if self._drawn_step != trainer.global_step:
+            self.draw(trainer, pl_module, self.final_path)
+        elif self._last is not None and self.final_path is not None:  # this step's periodic grid, also there
+            self._last = (save_png(self._last[1], self.final_path), self._last[1])
+        self.final_grid = self._last[0] if self._last is not None else None  # None on ranks > 0
