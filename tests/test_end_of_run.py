@@ -16,7 +16,7 @@ import edmlab.cli  # noqa: F401 - the edmlab.* resolvers
 from edmlab.checkpoints import load_denoiser
 from edmlab.cli.train import train
 from edmlab.data import DigitsDataset, ImageDataModule
-from edmlab.generation.grid import render, sample_grid
+from edmlab.generation.grid import preview_samples, render
 from edmlab.training import FinalLosses
 from edmlab.training.loggers import wandb_logger, wandb_run_id
 from edmlab.training.module import reference_loss
@@ -57,7 +57,7 @@ def test_end_of_run_grid_is_the_sample_grid_callbacks_from_the_final_ema_weights
     ema = load_denoiser(tmp_path / "checkpoints" / "last_ema.pt")
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         sampler = instantiate(compose("train", overrides=["sampler.num_steps=3"]).sampler)
-    samples, labels = sample_grid(ema, sampler, [1, 8, 8], label_dim=10, per_class=2, num_unconditional=64, seed=0)
+    samples, labels = preview_samples(ema, sampler, [1, 8, 8], per_class=2, num_unconditional=64, seed=0)
     expected = np.asarray(render(samples, labels, 2, scale=1))
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "samples.png")), expected)
 
