@@ -166,7 +166,7 @@ def test_network_cfg_is_one_batched_forward():
     assert (D - G).abs().max() > 1e-3
     torch.testing.assert_close(out, G + 2.0 * (D - G), rtol=1e-10, atol=1e-10)
     # the attributes samplers read are the wrapped denoiser's
-    assert g.label_dim == 3 and g.kind == "iddpm" and g.sigma_max == denoiser.sigma_max
+    assert g.label_dim == 3 and g.precond.name == "iddpm" and g.sigma_max == denoiser.sigma_max
     assert torch.equal(g.round_sigma(torch.tensor(1.3)), denoiser.round_sigma(torch.tensor(1.3)))
     assert next(g.parameters()) is next(denoiser.parameters())
     with pytest.raises(ValueError, match="needs class labels"):

@@ -46,7 +46,7 @@ def test_vp_c_noise_is_nvlabs_float32_formula_for_float32_networks(net_dtype):
     seen = []
     net = build("mlp", img_resolution=1, img_channels=2, hidden_channels=8, num_blocks=1).to(net_dtype)
     net.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
-    Denoiser(net, kind="vp")(torch.zeros(len(sigma), 2, dtype=torch.float64), sigma)
+    Denoiser(net, name="vp")(torch.zeros(len(sigma), 2, dtype=torch.float64), sigma)
     if net_dtype == torch.float32:
         assert torch.equal(seen[0], nvlabs_vp_c_noise(sigma))
         assert torch.equal(get("vp").coefficients(sigma.float())[3], nvlabs_vp_c_noise(sigma))
@@ -60,7 +60,7 @@ def test_ncsnpp_under_vp_matches_nvlabs_forward():
     torch.manual_seed(0)
     net = build("ncsnpp", img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 2],
                 num_blocks=1, attn_resolutions=[]).eval()
-    denoiser = Denoiser(net, kind="vp")
+    denoiser = Denoiser(net, name="vp")
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64) * 5
     sigma = torch.tensor([0.002, 0.05, 0.7, 3.0, 20.0, 152.0], dtype=torch.float64)
     with torch.no_grad():

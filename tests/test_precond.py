@@ -25,11 +25,11 @@ TABLE1 = {  # written out independently of the implementation, float64
 }
 
 
-@pytest.mark.parametrize("kind", TABLE1)
+@pytest.mark.parametrize("name", TABLE1)
 @pytest.mark.parametrize("sigma", SIGMAS)
-def test_table1_float64(kind, sigma):
-    got = [float(c) for c in C.coefficients(kind, sigma)]
-    assert got == pytest.approx(TABLE1[kind](sigma), rel=1e-12, abs=1e-12)
+def test_table1_float64(name, sigma):
+    got = [float(c) for c in C.coefficients(name, sigma)]
+    assert got == pytest.approx(TABLE1[name](sigma), rel=1e-12, abs=1e-12)
 
 
 def test_reference_float32_values():
@@ -81,14 +81,14 @@ class Affine(nn.Module):
         return torch.cat([y, torch.full_like(y[:, : self.extra], 1e6)], 1) if self.extra else y
 
 
-@pytest.mark.parametrize("kind", C.NAMES)
-def test_denoiser_wraps_table1(kind):
+@pytest.mark.parametrize("name", C.NAMES)
+def test_denoiser_wraps_table1(name):
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     sigma = torch.tensor([0.01, 1.0, 30.0], dtype=torch.float64)
-    D = C.Denoiser(Affine(extra=2 if kind == "iddpm" else 0).double(), kind)
+    D = C.Denoiser(Affine(extra=2 if name == "iddpm" else 0).double(), name)
     out = D(x, sigma)
     for i in range(3):
-        c_skip, c_out, c_in, c_noise = C.coefficients(kind, sigma[i])
+        c_skip, c_out, c_in, c_noise = C.coefficients(name, sigma[i])
         want = c_skip * x[i] + c_out * (0.3 * c_in * x[i] + c_noise)
         torch.testing.assert_close(out[i], want)
     torch.testing.assert_close(D(x, 1.0), D(x, torch.ones(3, dtype=torch.float64)))

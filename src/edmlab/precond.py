@@ -145,21 +145,21 @@ class FMPrecond(Precond):
         return c_skip, c_out, c_in, c_noise
 
 
-_KINDS: dict[str, type[Precond]] = {c.name: c for c in (VPPrecond, VEPrecond, IDDPMPrecond, EDMPrecond, FMPrecond)}
-NAMES = tuple(_KINDS)
+_ROWS: dict[str, type[Precond]] = {c.name: c for c in (VPPrecond, VEPrecond, IDDPMPrecond, EDMPrecond, FMPrecond)}
+NAMES = tuple(_ROWS)
 
 
-def get(kind: str, **params) -> Precond:
+def get(name: str, **params) -> Precond:
     """A row of Table 1 by name: "vp", "ve", "iddpm", "edm", "fm"."""
-    if kind not in _KINDS:
-        raise ValueError(f"unknown preconditioning {kind!r}; valid names: {', '.join(NAMES)}")
-    return _KINDS[kind](**params)
+    if name not in _ROWS:
+        raise ValueError(f"unknown preconditioning {name!r}; valid names: {', '.join(NAMES)}")
+    return _ROWS[name](**params)
 
 
-def coefficients(kind: str, sigma, **params) -> Coefficients:
+def coefficients(name: str, sigma, **params) -> Coefficients:
     """(c_skip, c_out, c_in, c_noise) of Table 1 at sigma (float or tensor; floats computed in float64)."""
     sigma = torch.as_tensor(sigma, dtype=None if isinstance(sigma, torch.Tensor) else torch.float64)
-    return get(kind, **params).coefficients(sigma)
+    return get(name, **params).coefficients(sigma)
 
 
 class Denoiser(nn.Module):
@@ -172,12 +172,11 @@ class Denoiser(nn.Module):
     (EDM2 eq. 21; names as NVlabs/edm2 `Precond`), returned by `forward(..., return_logvar=True)`.
     """
 
-    def __init__(self, net: nn.Module, kind: str = "edm", sigma_data: float = 0.5, logvar_channels: int = 0,
+    def __init__(self, net: nn.Module, name: str = "edm", sigma_data: float = 0.5, logvar_channels: int = 0,
                  **params) -> None:
         super().__init__()
         self.net = net
-        self.kind = kind
-        self.precond = get(kind, sigma_data=sigma_data, **params)
+        self.precond = get(name, sigma_data=sigma_data, **params)
         self.precond_params = dict(sigma_data=sigma_data, **params)
         if logvar_channels:
             from edmlab.networks.mp_layers import MPConv, MPFourier
@@ -198,7 +197,7 @@ class Denoiser(nn.Module):
         sigma = sigma.reshape(-1, *([1] * (x.ndim - 1))).expand(x.shape[0], *([1] * (x.ndim - 1)))
         c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma)
         dtype = next(self.net.parameters(), x).dtype
-        if self.kind == "vp":  # in the network's dtype, as NVlabs computes it
+        if isinstance(self.precond, VPPrecond):  # in the network's dtype, as NVlabs computes it
             c_noise = self.precond.c_noise(sigma.to(dtype))
         F_x = self.net((c_in * x).to(dtype), c_noise.flatten().to(dtype), class_labels=class_labels,
                        augment_labels=augment_labels)

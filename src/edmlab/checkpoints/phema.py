@@ -33,7 +33,7 @@ def save_snapshot(path: str | os.PathLike, phema: Any, nimg: int, denoiser: nn.M
         "sigma_rels": list(phema.sigma_rels),
         "state_dicts": [{k: v.detach().cpu() for k, v in ema.state_dict().items()} for ema in phema.emas],
         "network": plain_config(dict(getattr(denoiser.net, "build_config", {})), "network"),
-        "precond": {"kind": denoiser.kind, **plain_config(denoiser.precond_params, "precond")},
+        "precond": {"name": denoiser.precond.name, **plain_config(denoiser.precond_params, "precond")},
         "config": plain_config(config),
     }
     return atomic_torch_save(payload, path)

@@ -274,7 +274,7 @@ class EDMModule(L.LightningModule):
         return {
             "format": META_FORMAT, "version": META_VERSION,
             "network": dict(getattr(net, "build_config", {})),
-            "precond": {"kind": self.denoiser.kind, **self.denoiser.precond_params},
+            "precond": {"name": self.denoiser.precond.name, **self.denoiser.precond_params},
             "config": self.run_config,
             "data_shape": list(self.data_shape),
             "ema_prefix": EMA_PREFIX,
