@@ -21,6 +21,7 @@ class ClassConditional:
 
     sigma_min, sigma_max = 0.0, math.inf
     label_dim = 2
+    data_shape = (2,)
 
     def __init__(self, stds):
         self.full = analytic.GaussianMixture([1, 2, 1, 1], MEANS, stds)
@@ -29,6 +30,9 @@ class ClassConditional:
                                                    [MEANS[k] for k in range(4) if CLASSES[k] == c],
                                                    [stds[k] for k in range(4) if CLASSES[k] == c]) for c in (0, 1)]
         self.calls = 0
+
+    def round_sigma(self, sigma):
+        return sigma
 
     def __call__(self, x, sigma, class_labels=None):
         self.calls += 1
@@ -178,6 +182,8 @@ def test_bad_settings():
         GuidedDenoiser(MODEL, 2.0, interval=(5.0, 1.0))
     with pytest.raises(ValueError, match="finite"):
         GuidedDenoiser(MODEL, math.nan)
+    with pytest.raises(TypeError, match="guidance: the guide: a function is not a denoiser; it lacks label_dim"):
+        GuidedDenoiser(MODEL, 2.0, guide=lambda x, sigma, class_labels=None: x)
 
 
 def tiny_checkpoint(path, seed):

@@ -55,6 +55,8 @@ def test_fm_loss_is_velocity_mse(gen):
     """lambda ||D - y||^2 == ||F - (eps - x0)||^2 under FM preconditioning."""
 
     class Const(torch.nn.Module):
+        label_dim = 0
+
         def forward(self, x, c_noise, class_labels=None, augment_labels=None):
             return torch.zeros_like(x)
 

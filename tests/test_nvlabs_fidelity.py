@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from edmlab import analytic
 from edmlab.networks import build
 from edmlab.precond import Denoiser, get
 from edmlab.sampling import sample, sigma_steps
@@ -79,4 +80,4 @@ def test_iddpm_steps_round_as_nvlabs_for_every_n():
 
 def test_unknown_sampler_key_names_it_and_the_valid_ones():
     with pytest.raises(TypeError, match=r"unknown sampler key\(s\) num_step; valid keys: solver, num_steps, "):
-        sample(lambda x, s, class_labels=None: x, torch.zeros(1, 2), num_step=4)
+        sample(analytic.Gaussian(0.5, 2), torch.zeros(1, 2), num_step=4)

@@ -53,6 +53,7 @@ def test_reconstruction_of_a_tracked_ema_from_a_synthetic_weight_history(tmp_pat
     holder = torch.nn.Module()
     holder.net = torch.nn.Linear(1, 2, dtype=torch.float64)
     holder.precond, holder.precond_params = precond.get("edm"), {"sigma_data": 0.5}
+    holder.network_config = None  # not built by edmlab.networks.build
     tracked = PowerFunctionEMA(holder, rels)
     truth = PowerFunctionEMA(holder, [target])
     for t in range(1, steps + 1):

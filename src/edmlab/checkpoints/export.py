@@ -31,7 +31,7 @@ def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, config: Any = Non
                   global_step: int | None = None) -> Path:
     """Write edmlab's inference checkpoint atomically; `global_step` records the training step it comes from."""
 
-    build_config = getattr(denoiser.net, "build_config", None)
+    build_config = denoiser.network_config
     if build_config is None:
         raise ValueError("denoiser.net has no build_config: build networks with edmlab.networks.build so "
                          "the checkpoint can rebuild them")

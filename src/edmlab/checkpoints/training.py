@@ -88,8 +88,7 @@ def denoiser_from_training(path: Path, ckpt: dict, use_ema: bool, map_location: 
     if not state:
         raise CheckpointFormatError(f"{path}: no weights under {prefix!r} in state_dict "
                                     f"({'EMA' if use_ema else 'raw'} weights requested by use_ema={use_ema})")
-    denoiser = Denoiser(build_checked(dict(meta["network"]), state, str(path), prefix="net."), **precond_kwargs(meta))
+    denoiser = Denoiser(build_checked(dict(meta["network"]), state, str(path), prefix="net."), **precond_kwargs(meta),
+                        data_shape=meta.get("data_shape") or None)
     load_weights(denoiser, state, source=f"{path} ({'EMA' if use_ema else 'raw'} weights)")
-    if meta.get("data_shape"):
-        denoiser.data_shape = [int(s) for s in meta["data_shape"]]
     return denoiser.to(map_location).eval()

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from edmlab.generation.seeds import ClassLabels, draw_labels, seed_generators
+from edmlab.precond import DenoiserLike
 
 __all__ = ["Sampler", "generate_batch", "data_shape"]
 
@@ -21,24 +22,16 @@ def generate_batch(denoiser: torch.nn.Module, seeds: Sequence[int], sampler: Sam
     shape = tuple(data_shape(denoiser) if shape is None else shape)
     gens = seed_generators(seeds, device)
     latents = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
-    label_dim = int(getattr(denoiser, "label_dim", 0))
+    label_dim = int(denoiser.label_dim)
     labels = draw_labels(gens, seeds, label_dim, class_labels)
     one_hot = None if labels is None else torch.eye(label_dim, device=device)[labels]
     images = sampler(denoiser, latents, class_labels=one_hot, generator=gens)
     return images, labels
 
 
-def data_shape(denoiser: torch.nn.Module) -> tuple[int, ...]:
-    """The shape of one sample: [C, H, W] for images, [d] for vector (MLP, img_resolution 1) networks."""
-    if getattr(denoiser, "data_shape", None):
-        return tuple(int(s) for s in denoiser.data_shape)
-    net = getattr(denoiser, "net", denoiser)
-    config = getattr(net, "build_config", None) or {}
-    res = config.get("img_resolution", getattr(net, "img_resolution", None))
-    ch = config.get("img_channels", getattr(net, "img_channels", None))
-    if res is None or ch is None:
-        raise ValueError(f"cannot tell the sample shape of {type(net).__name__}: it has no img_resolution/"
-                         "img_channels; pass shape=[C, H, W] (sample.py: shape=[...])")
-    if int(res) == 1 and config.get("name", "") == "mlp":
-        return (int(ch),)
-    return (int(ch), int(res), int(res))
+def data_shape(denoiser: DenoiserLike) -> tuple[int, ...]:
+    """`denoiser.data_shape`, the shape of one sample; an error saying what to pass when it is unknown."""
+    if denoiser.data_shape is None:
+        raise ValueError(f"cannot tell the sample shape of this {type(denoiser).__name__}: its network was not built "
+                         "by edmlab.networks.build; pass shape=[C, H, W] (sample.py: shape=[...])")
+    return tuple(denoiser.data_shape)

@@ -11,7 +11,6 @@ a pure function: no scheduler state.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from edmlab import process as processes
 from edmlab.guidance import guided
+from edmlab.precond import DenoiserLike, check_denoiser
 from edmlab.process import NoiseProcess
 from edmlab.sampling import classic  # noqa: F401  (importing registers the solvers: EDM's first)
 
@@ -81,12 +81,13 @@ def _analytic_first(D: DenoiseFn, data_mean, data_std: float | None) -> DenoiseF
 
 
 @torch.no_grad()
-def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: int = 18,
+def sample(denoiser: DenoiserLike, latents: torch.Tensor, *, solver: str = "heun", num_steps: int = 18,
            discretization: str = "edm", process: str | NoiseProcess = "edm", sigma_min: float | None = None,
            sigma_max: float | None = None, rho: float = 7.0, class_labels: torch.Tensor | None = None,
            generator: Generator = None, return_nfe: bool = False, callback: Callback | None = None,
            analytic_first_step: bool = False, data_mean: Any = 0.0, data_std: float | None = None,
-           guidance: float = 1.0, guide=None, guidance_interval: Sequence[float] | None = None, **options):
+           guidance: float = 1.0, guide: DenoiserLike | None = None,
+           guidance_interval: Sequence[float] | None = None, **options):
     """Draw samples by integrating from unit-Gaussian `latents` (scaled to the first step) down to sigma = 0.
 
     `options` are the solver's (e.g. S_churn for euler/heun/edm_stochastic, order/variant for unipc:
@@ -94,11 +95,12 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
     sees every step. `analytic_first_step` replaces the first network call by the data mean (and
     `data_std`, when given, by the Gaussian posterior mean). The state is float64 (as in EDM's
     sampler); the result has the dtype of `latents`. Steps are clamped to the denoiser's
-    [sigma_min, sigma_max] and rounded by its `round_sigma` when it has them (EDM's edm_sampler).
+    [sigma_min, sigma_max] and rounded by its `round_sigma` (EDM's edm_sampler).
     `guidance` w integrates D_w = G + w (D - G) (edmlab.guidance): G is the network without labels when
     `guide` is None (classifier-free), else `guide`; `guidance_interval` limits w to (sigma_lo, sigma_hi].
     The NFE counts denoiser calls: a classifier-free call is one forward of a doubled batch.
     """
+    check_denoiser(denoiser, "sample")
     denoiser = guided(denoiser, guidance, guide=guide, interval=guidance_interval)
     _check_name("solver", solver, tuple(SOLVERS))
     proc = processes.get(process)
@@ -109,11 +111,11 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
     grid_keys = GRID_OPTIONS.get(discretization, ())
     solver_opts = solver_options(solver, {k: v for k, v in options.items() if k not in grid_keys})
     grid = {k: v for k, v in options.items() if k in grid_keys}
-    round_sigma = getattr(denoiser, "round_sigma", lambda sigma: sigma)
+    round_sigma = denoiser.round_sigma
     closed_form = discretization in DISCRETIZATIONS
     lo, hi = _default_range(discretization if closed_form else "edm", proc, grid.get("epsilon_s", 1e-3))
-    sigma_min = max(lo if sigma_min is None else sigma_min, getattr(denoiser, "sigma_min", 0.0))
-    sigma_max = min(hi if sigma_max is None else sigma_max, getattr(denoiser, "sigma_max", math.inf))
+    sigma_min = max(lo if sigma_min is None else sigma_min, denoiser.sigma_min)
+    sigma_max = min(hi if sigma_max is None else sigma_max, denoiser.sigma_max)
 
     nfe = 0
 
@@ -142,7 +144,7 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
     return (x, nfe) if return_nfe else x
 
 
-def _fitted_steps(denoiser, latents: torch.Tensor, num_steps: int, sigma_min: float, sigma_max: float,
+def _fitted_steps(denoiser: DenoiserLike, latents: torch.Tensor, num_steps: int, sigma_min: float, sigma_max: float,
                   class_labels, solver: str, solver_opts: dict, first_step: tuple, *, pilots: int = 32,
                   fine_steps: int = 256, search_seed: int = 0, fit: bool = True,
                   steps_cache: str | os.PathLike | None = None) -> torch.Tensor:
