@@ -54,7 +54,7 @@ ORDER = {"euler": (0.85, 1.3), "heun": (1.8, 2.6)}
 def test_order_of_convergence(solver, process, discretization):
     lo, hi = ORDER[solver]
     # EDM's range, except uniform t of the t-linear processes, which needs a narrow range to be asymptotic
-    # (h << sigma_min); VP's refitted grid degenerates on narrow ranges (EDM's VP grid refit), so not the reverse.
+    # (h << sigma_min); VP's refitted steps degenerate on narrow ranges (EDM's VP refit), so not the reverse.
     narrow = discretization == "uniform_t" and process in ("edm", "ve")
     assert lo < convergence_slope(solver, process, discretization, *((0.2, 5.0) if narrow else (0.002, 80.0))) < hi
 
