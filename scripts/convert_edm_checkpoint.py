@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {"converted_from": str(args.src), "edm_snapshot": snapshot.metadata()}
     save_denoiser(snapshot.denoiser, args.dst, config=config)
     net = snapshot.denoiser.net
-    print(f"{args.src} -> {args.dst}: {snapshot.precond_class} -> precond={snapshot.denoiser.kind}, "
+    print(f"{args.src} -> {args.dst}: {snapshot.precond_class} -> precond={snapshot.denoiser.precond.name}, "
           f"network={net.build_config['name']} ({num_parameters(net):,} parameters, "
           f"{net.img_resolution}x{net.img_resolution}x{net.img_channels}, label_dim={net.label_dim})")
     return 0

@@ -193,24 +193,24 @@ def pickle_globals(path: Path) -> set[str]:
 # ---------------------------------------------------------------------------- 3. EDM snapshots load
 
 
-def table1(kind: str, sigma: torch.Tensor):
+def table1(name: str, sigma: torch.Tensor):
     """(c_skip, c_out, c_in, c_noise) of EDM Table 1, written out here independently of edmlab.precond."""
     s = sigma.reshape(-1, 1, 1, 1)
-    if kind == "edm":
+    if name == "edm":
         sd = 0.5
         return sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt(), 1 / (s**2 + sd**2).sqrt(), sigma.log() / 4
-    if kind == "vp":
+    if name == "vp":
         beta_d, beta_min = 19.9, 0.1
         t = ((beta_min**2 + 2 * beta_d * (1 + sigma**2).log()).sqrt() - beta_min) / beta_d
         return 1, -s, 1 / (s**2 + 1).sqrt(), 999 * t
-    if kind == "ve":
+    if name == "ve":
         return 1, s, 1, (sigma / 2).log()
-    if kind == "iddpm":  # sigma = 0.5, 1 and 80 snap to u_710, u_504, u_8 (EDM's code: c_noise 289, 495, 991)
+    if name == "iddpm":  # sigma = 0.5, 1 and 80 snap to u_710, u_504, u_8 (EDM's code: c_noise 289, 495, 991)
         return 1, -s, 1 / (s**2 + 1).sqrt(), torch.tensor([289.0, 495.0, 991.0])
-    raise AssertionError(kind)
+    raise AssertionError(name)
 
 
-CASES = [  # (EDM precond class, edmlab kind, arch, label_dim, augment_dim)
+CASES = [  # (EDM precond class, edmlab name, arch, label_dim, augment_dim)
     ("EDMPrecond", "edm", "ddpmpp", 10, 9),
     ("VPPrecond", "vp", "ddpmpp", 0, 0),
     ("VEPrecond", "ve", "ncsnpp", 10, 0),
@@ -219,9 +219,9 @@ CASES = [  # (EDM precond class, edmlab kind, arch, label_dim, augment_dim)
 ]
 
 
-@pytest.mark.parametrize("precond, kind, arch, label_dim, augment_dim", CASES)
-def test_edm_snapshot_reproduces_its_denoiser(tmp_path, precond, kind, arch, label_dim, augment_dim):
-    net = edm_network(arch, label_dim, augment_dim, out_channels=6 if kind == "iddpm" else 3)
+@pytest.mark.parametrize("precond, name, arch, label_dim, augment_dim", CASES)
+def test_edm_snapshot_reproduces_its_denoiser(tmp_path, precond, name, arch, label_dim, augment_dim):
+    net = edm_network(arch, label_dim, augment_dim, out_channels=6 if name == "iddpm" else 3)
     marker = tmp_path / "module_src_ran"
     path = write_edm_snapshot(tmp_path / "network-snapshot-000000.pkl", net, precond, arch, marker=marker)
     assert pickle_globals(path) == {
@@ -233,7 +233,7 @@ def test_edm_snapshot_reproduces_its_denoiser(tmp_path, precond, kind, arch, lab
     snapshot = read_edm_snapshot(path)
     D = snapshot.denoiser
     assert not marker.exists() and "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
-    assert (D.kind, D.net.build_config["name"], D.label_dim, D.net.augment_dim) == (kind, arch, label_dim,
+    assert (D.precond.name, D.net.build_config["name"], D.label_dim, D.net.augment_dim) == (name, arch, label_dim,
                                                                                      augment_dim)
     assert snapshot.loss == {"class_name": "EDMLoss", "kwargs": {}}
     assert snapshot.dataset_kwargs["path"] == "cifar10-32x32.zip"
@@ -246,7 +246,7 @@ def test_edm_snapshot_reproduces_its_denoiser(tmp_path, precond, kind, arch, lab
     sigma = torch.tensor([0.5, 1.0, 80.0])
     labels = F.one_hot(torch.tensor([1, 4, 9]), label_dim).float() if label_dim else None
     augment = torch.randn(3, augment_dim, generator=g) if augment_dim else None
-    c_skip, c_out, c_in, c_noise = table1(kind, sigma)
+    c_skip, c_out, c_in, c_noise = table1(name, sigma)
     with torch.no_grad():
         expected = c_skip * x + c_out * net(c_in * x, c_noise, labels, augment)[:, :3]
         got = D(x, sigma, class_labels=labels, augment_labels=augment)
@@ -316,7 +316,7 @@ def test_converted_checkpoint_round_trips_bit_for_bit(tmp_path):
 
     raw = torch.load(dst, weights_only=True)
     assert raw["format"] == "edmlab-denoiser" and raw["version"] == 1
-    assert raw["precond"] == {"kind": "edm", "sigma_data": 0.5}
+    assert raw["precond"] == {"name": "edm", "sigma_data": 0.5}
     assert raw["network"]["name"] == "ncsnpp" and raw["network"]["channel_mult"] == [1, 2]
     assert raw["config"]["edm_snapshot"]["precond_class"] == "EDMPrecond"
     assert not list(tmp_path.glob("out/.*tmp"))
@@ -336,7 +336,7 @@ def test_save_denoiser_keeps_config_and_mlp(tmp_path):
     from omegaconf import OmegaConf
 
     net = build("mlp", img_resolution=1, img_channels=2, hidden_channels=8, num_blocks=1, emb_channels=8)
-    D = Denoiser(net, kind="fm")
+    D = Denoiser(net, name="fm")
     cfg = OmegaConf.create({"network": {"name": "mlp"}, "lr": 1e-3, "ref": "${lr}"})
     path = save_denoiser(D, tmp_path / "mlp.pt", config=cfg)
     raw = torch.load(path, weights_only=True)
@@ -344,6 +344,45 @@ def test_save_denoiser_keeps_config_and_mlp(tmp_path):
     x = torch.randn(5, 2)
     with torch.no_grad():
         assert torch.equal(load_denoiser(path)(x, torch.ones(5)), D(x, torch.ones(5)))
+
+
+def test_files_that_store_the_precond_row_under_kind_still_load(tmp_path):
+    """Exports, last.ckpt metadata and post-hoc EMA snapshots written with precond {"kind": ...} read as `name`."""
+    from types import SimpleNamespace
+
+    from edmlab.checkpoints import IncompatibleCheckpoint
+    from edmlab.checkpoints.weights import precond_kwargs
+    from edmlab.training.phema import list_snapshots, reconstruct_denoiser
+    from edmlab.training.resume import check_compatible
+
+    net = build("mlp", img_resolution=1, img_channels=2, hidden_channels=8, num_blocks=1, emb_channels=8)
+    D = Denoiser(net, name="vp", beta_d=10.0).eval()
+    old = {"kind": "vp", "sigma_data": 0.5, "beta_d": 10.0}
+    assert precond_kwargs({"precond": old}) == {"name": "vp", "sigma_data": 0.5, "beta_d": 10.0}
+    x, sigma = torch.randn(4, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0.01, 0.3, 2.0, 40.0])
+
+    export = torch.load(save_denoiser(D, tmp_path / "old.pt"), weights_only=True)
+    assert export["precond"] == {"name": "vp", "sigma_data": 0.5, "beta_d": 10.0}
+    torch.save({**export, "precond": old}, tmp_path / "old.pt")
+    state = {k: v.detach().clone() for k, v in D.state_dict().items()}
+    meta = {"network": dict(net.build_config), "precond": old, "data_shape": [2]}
+    torch.save({"edmlab": meta, "state_dict": {f"ema.module.{k}": v for k, v in state.items()},
+                "pytorch-lightning_version": "2.6"}, tmp_path / "last.ckpt")
+    torch.save({"format": "edmlab-phema", "version": 1, "nimg": 1000, "sigma_rels": [0.05], "state_dicts": [state],
+                "network": dict(net.build_config), "precond": old, "config": None}, tmp_path / "phema-000001.pt")
+    loaded = [load_denoiser(tmp_path / "old.pt"), load_any(tmp_path / "last.ckpt").denoiser,
+              reconstruct_denoiser(list_snapshots(tmp_path), 0.05)[0]]
+    with torch.no_grad():
+        for other in loaded:
+            assert (other.precond.name, other.precond_params) == ("vp", {"sigma_data": 0.5, "beta_d": 10.0})
+            assert torch.equal(other(x, sigma), D(x, sigma))
+
+    own = SimpleNamespace(state_dict=dict)  # check_compatible reads the module's metadata and tensors
+    own.edmlab_metadata = lambda: {"network": {}, "precond": {"name": "vp", "sigma_data": 0.5, "beta_d": 10.0}}
+    check_compatible({"edmlab": meta}, own)  # the same row: resumable
+    own.edmlab_metadata = lambda: {"network": {}, "precond": {"name": "ve", "sigma_data": 0.5, "beta_d": 10.0}}
+    with pytest.raises(IncompatibleCheckpoint, match=r"precond\.name: checkpoint 'vp' vs this run 've'"):
+        check_compatible({"edmlab": meta}, own)
 
 
 # ---------------------------------------------------------------------------- 5. clear errors

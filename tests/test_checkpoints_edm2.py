@@ -23,7 +23,7 @@ NVLABS_NAMES = {"EDM2UNet": "UNet", "EDM2Block": "Block", "MPConv": "MPConv", "M
 def edm2_denoiser(label_dim: int = 10, seed: int = 0) -> Denoiser:
     torch.manual_seed(seed)
     net = build("edm2", img_resolution=8, img_channels=4, label_dim=label_dim, **EDM2_KWARGS)
-    denoiser = Denoiser(net, kind="edm", logvar_channels=32)
+    denoiser = Denoiser(net, name="edm", logvar_channels=32)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in denoiser.parameters():

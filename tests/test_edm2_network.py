@@ -125,7 +125,7 @@ def tiny(label_dim=0):
 
 
 def test_zero_output_gain_makes_the_denoiser_c_skip_x():
-    denoiser = Denoiser(tiny(label_dim=10), kind="edm").eval()
+    denoiser = Denoiser(tiny(label_dim=10), name="edm").eval()
     x, sigma = torch.randn(3, 3, 8, 8), torch.tensor([0.1, 1.0, 10.0])
     labels = torch.eye(10)[:3]
     c_skip = 0.25 / (sigma**2 + 0.25)

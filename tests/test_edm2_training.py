@@ -54,7 +54,7 @@ def test_optimal_log_variance_is_the_log_of_the_mean_weighted_error():
 
 def test_logvar_head_names_values_and_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    denoiser = Denoiser(build("edm2", label_dim=0, **TINY), kind="edm", logvar_channels=16).eval()
+    denoiser = Denoiser(build("edm2", label_dim=0, **TINY), name="edm", logvar_channels=16).eval()
     names = [n for n in denoiser.state_dict() if not n.startswith("net.")]
     assert names == ["logvar_fourier.freqs", "logvar_fourier.phases", "logvar_linear.weight"]  # as NVlabs
     x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([0.2, 1.0, 5.0])
@@ -71,7 +71,7 @@ def test_logvar_head_names_values_and_checkpoint_round_trip(tmp_path):
 
 
 def test_plain_denoiser_refuses_the_uncertainty_loss():
-    denoiser = Denoiser(build("edm2", label_dim=0, **TINY), kind="edm")
+    denoiser = Denoiser(build("edm2", label_dim=0, **TINY), name="edm")
     with pytest.raises(ValueError, match="precond=edm2"):
         losses.denoising_loss(denoiser, torch.randn(2, 1, 8, 8), losses.get("edm2"))
 
@@ -95,7 +95,7 @@ def test_experiment_presets(experiment, P, lr, decay, channels):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/x"])
     assert (cfg.loss.name, cfg.loss.P_mean, cfg.loss.P_std) == ("edm2", *P)
-    assert (cfg.precond.kind, cfg.precond.logvar_channels) == ("edm", 128)
+    assert (cfg.precond.name, cfg.precond.logvar_channels) == ("edm", 128)
     assert (cfg.optim.lr, list(cfg.optim.betas)) == (lr, [0.9, 0.99])
     assert cfg.model.lr_decay_kimg == decay and list(cfg.model.phema_sigma_rels) == [0.05, 0.10]
     assert (cfg.network.name, cfg.network.model_channels) == ("edm2", channels)

@@ -232,7 +232,7 @@ def test_training_checkpoint_ema_and_raw_weights(tmp_path):
     for loaded, source in ((ema, module.ema.module), (raw, module.denoiser)):
         mine = loaded.state_dict()
         assert all(torch.equal(mine[k], v) for k, v in source.state_dict().items())
-        assert loaded.kind == "edm" and loaded.label_dim == 3 and list(loaded.data_shape) == [1, 8, 8]
+        assert loaded.precond.name == "edm" and loaded.label_dim == 3 and list(loaded.data_shape) == [1, 8, 8]
         np.testing.assert_array_equal(four_images(loaded), four_images(source.eval()))
     assert not np.array_equal(four_images(ema), four_images(raw))
 

@@ -21,6 +21,7 @@ class ClassConditional:
 
     sigma_min, sigma_max = 0.0, math.inf
     label_dim = 2
+    data_shape = (2,)
 
     def __init__(self, stds):
         self.full = analytic.GaussianMixture([1, 2, 1, 1], MEANS, stds)
@@ -29,6 +30,9 @@ class ClassConditional:
                                                    [MEANS[k] for k in range(4) if CLASSES[k] == c],
                                                    [stds[k] for k in range(4) if CLASSES[k] == c]) for c in (0, 1)]
         self.calls = 0
+
+    def round_sigma(self, sigma):
+        return sigma
 
     def __call__(self, x, sigma, class_labels=None):
         self.calls += 1
@@ -166,7 +170,7 @@ def test_network_cfg_is_one_batched_forward():
     assert (D - G).abs().max() > 1e-3
     torch.testing.assert_close(out, G + 2.0 * (D - G), rtol=1e-10, atol=1e-10)
     # the attributes samplers read are the wrapped denoiser's
-    assert g.label_dim == 3 and g.kind == "iddpm" and g.sigma_max == denoiser.sigma_max
+    assert g.label_dim == 3 and g.precond.name == "iddpm" and g.sigma_max == denoiser.sigma_max
     assert torch.equal(g.round_sigma(torch.tensor(1.3)), denoiser.round_sigma(torch.tensor(1.3)))
     assert next(g.parameters()) is next(denoiser.parameters())
     with pytest.raises(ValueError, match="needs class labels"):
@@ -178,6 +182,8 @@ def test_bad_settings():
         GuidedDenoiser(MODEL, 2.0, interval=(5.0, 1.0))
     with pytest.raises(ValueError, match="finite"):
         GuidedDenoiser(MODEL, math.nan)
+    with pytest.raises(TypeError, match="guidance: the guide: a function is not a denoiser; it lacks label_dim"):
+        GuidedDenoiser(MODEL, 2.0, guide=lambda x, sigma, class_labels=None: x)
 
 
 def tiny_checkpoint(path, seed):

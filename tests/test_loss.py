@@ -24,11 +24,11 @@ def test_gaussian_loss_value(sigma, gen):
     assert abs(per_item.mean().item() - exact) < 4 * se
 
 
-@pytest.mark.parametrize("kind", ["edm", "vp", "ve", "fm"])
-def test_unit_effective_weight(kind):
+@pytest.mark.parametrize("name", ["edm", "vp", "ve", "fm"])
+def test_unit_effective_weight(name):
     sigma = torch.logspace(-3, 2, 50, dtype=torch.float64)
-    c_out = C.coefficients(kind, sigma)[1]
-    torch.testing.assert_close(L.get(kind).weight(sigma) * c_out**2, torch.ones_like(sigma))
+    c_out = C.coefficients(name, sigma)[1]
+    torch.testing.assert_close(L.get(name).weight(sigma) * c_out**2, torch.ones_like(sigma))
 
 
 def test_sigma_distributions(gen):
@@ -55,6 +55,8 @@ def test_fm_loss_is_velocity_mse(gen):
     """lambda ||D - y||^2 == ||F - (eps - x0)||^2 under FM preconditioning."""
 
     class Const(torch.nn.Module):
+        label_dim = 0
+
         def forward(self, x, c_noise, class_labels=None, augment_labels=None):
             return torch.zeros_like(x)
 

@@ -192,7 +192,7 @@ def test_conditioning_inputs_change_the_output(name):
 def test_network_inside_denoiser_and_bf16_weights(name):
     net = small(name, label_dim=10)
     x, _, labels, _ = inputs(name, 10, 0, True, False)
-    D = Denoiser(net, kind="edm")
+    D = Denoiser(net, name="edm")
     with torch.no_grad():
         out = D(x.double(), torch.tensor([0.5, 2.0]), class_labels=labels)
         assert out.shape == x.shape and out.dtype == torch.float64

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from edmlab import analytic
 from edmlab.networks import build
 from edmlab.precond import Denoiser, get
 from edmlab.sampling import sample, sigma_steps
@@ -46,7 +47,7 @@ def test_vp_c_noise_is_nvlabs_float32_formula_for_float32_networks(net_dtype):
     seen = []
     net = build("mlp", img_resolution=1, img_channels=2, hidden_channels=8, num_blocks=1).to(net_dtype)
     net.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
-    Denoiser(net, kind="vp")(torch.zeros(len(sigma), 2, dtype=torch.float64), sigma)
+    Denoiser(net, name="vp")(torch.zeros(len(sigma), 2, dtype=torch.float64), sigma)
     if net_dtype == torch.float32:
         assert torch.equal(seen[0], nvlabs_vp_c_noise(sigma))
         assert torch.equal(get("vp").coefficients(sigma.float())[3], nvlabs_vp_c_noise(sigma))
@@ -60,7 +61,7 @@ def test_ncsnpp_under_vp_matches_nvlabs_forward():
     torch.manual_seed(0)
     net = build("ncsnpp", img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 2],
                 num_blocks=1, attn_resolutions=[]).eval()
-    denoiser = Denoiser(net, kind="vp")
+    denoiser = Denoiser(net, name="vp")
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64) * 5
     sigma = torch.tensor([0.002, 0.05, 0.7, 3.0, 20.0, 152.0], dtype=torch.float64)
     with torch.no_grad():
@@ -79,4 +80,4 @@ def test_iddpm_steps_round_as_nvlabs_for_every_n():
 
 def test_unknown_sampler_key_names_it_and_the_valid_ones():
     with pytest.raises(TypeError, match=r"unknown sampler key\(s\) num_step; valid keys: solver, num_steps, "):
-        sample(lambda x, s, class_labels=None: x, torch.zeros(1, 2), num_step=4)
+        sample(analytic.Gaussian(0.5, 2), torch.zeros(1, 2), num_step=4)

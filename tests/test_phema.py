@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from edmlab import precond
 from edmlab.checkpoints import load_any
 from edmlab.training.ema import PowerFunctionEMA, _profile_dot, posthoc_coefficients, sigma_rel_to_gamma
 from edmlab.training.phema import list_snapshots, reconstruct, save_snapshot
@@ -51,7 +52,8 @@ def test_reconstruction_of_a_tracked_ema_from_a_synthetic_weight_history(tmp_pat
     steps, every, rels, target = 4000, 400, [0.05, 0.10], 0.07
     holder = torch.nn.Module()
     holder.net = torch.nn.Linear(1, 2, dtype=torch.float64)
-    holder.kind, holder.precond_params = "edm", {"sigma_data": 0.5}
+    holder.precond, holder.precond_params = precond.get("edm"), {"sigma_data": 0.5}
+    holder.network_config = None  # not built by edmlab.networks.build
     tracked = PowerFunctionEMA(holder, rels)
     truth = PowerFunctionEMA(holder, [target])
     for t in range(1, steps + 1):

@@ -13,6 +13,20 @@ from edmlab.sampling import DISCRETIZATIONS, sample, sigma_steps
 C = 0.5  # data std of the Gaussian tests
 
 
+class Counted:
+    """A denoiser that counts its calls; everything else is the wrapped one's."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, 0
+
+    def __getattr__(self, name):
+        return getattr(self.denoiser, name)
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.calls += 1
+        return self.denoiser(x, sigma, class_labels=class_labels)
+
+
 def gaussian_end(latents, sigmas):
     """Exact sampler output for N(0, C^2 I): the PF-ODE from sigma_max to sigma_min, then D(.; sigma_min)."""
     lo, hi = sigmas[-2].item(), sigmas[0].item()
@@ -40,7 +54,7 @@ ORDER = {"euler": (0.85, 1.3), "heun": (1.8, 2.6)}
 def test_order_of_convergence(solver, process, discretization):
     lo, hi = ORDER[solver]
     # EDM's range, except uniform t of the t-linear processes, which needs a narrow range to be asymptotic
-    # (h << sigma_min); VP's refitted grid degenerates on narrow ranges (EDM's VP grid refit), so not the reverse.
+    # (h << sigma_min); VP's refitted steps degenerate on narrow ranges (EDM's VP refit), so not the reverse.
     narrow = discretization == "uniform_t" and process in ("edm", "ve")
     assert lo < convergence_slope(solver, process, discretization, *((0.2, 5.0) if narrow else (0.002, 80.0))) < hi
 
@@ -172,11 +186,15 @@ def test_stochastic_draws_noise_every_step():
     ({"sigma_min": 5.0, "sigma_max": 1.0}, "sigma_min"),
 ])
 def test_bad_input(kwargs, match):
-    calls = []
-    data = analytic.Gaussian(C, 2)
+    data = Counted(analytic.Gaussian(C, 2))
     with pytest.raises(ValueError, match=match):
-        sample(lambda x, s, class_labels=None: calls.append(1) or data(x, s), torch.zeros(1, 2), **kwargs)
-    assert not calls  # refused before any work
+        sample(data, torch.zeros(1, 2), **kwargs)
+    assert data.calls == 0  # refused before any work
+
+
+def test_a_plain_function_is_not_a_denoiser():
+    with pytest.raises(TypeError, match="sample: a function is not a denoiser; it lacks label_dim, sigma_min"):
+        sample(lambda x, sigma, class_labels=None: x, torch.zeros(1, 2))
 
 
 def test_non_finite_latents():

@@ -82,7 +82,7 @@ def test_experiment_runs_two_steps_under_every_process(experiment, process, tmp_
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     meta = ckpt["edmlab"]
     assert ckpt["global_step"] == 2
-    assert meta["precond"]["kind"] == process and meta["config"]["loss"]["name"] == process
+    assert meta["precond"]["name"] == process and meta["config"]["loss"]["name"] == process
     assert meta["config"]["sampler"]["process"]["name"] == process
     assert math.isfinite(result["train/loss"]) and math.isfinite(result["final/ema_loss"])
     # lr = lr_ref x min(images before the step / 16, 1): 0 on step 1, lr_ref / 2 on step 2 (EDM's ramp)
@@ -122,7 +122,7 @@ def test_mixed_groups_accumulation_bf16_and_posthoc_ema(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     ckpt = torch.load(checkpoints / "last.ckpt", weights_only=True)
     meta = ckpt["edmlab"]
-    assert (meta["precond"]["kind"], meta["config"]["loss"]["name"]) == ("fm", "ve")
+    assert (meta["precond"]["name"], meta["config"]["loss"]["name"]) == ("fm", "ve")
     assert meta["config"]["sampler"]["solver"] == "dpmpp_2m" and Path(result["samples"]).is_file()
     # 2 optimizer steps of the global batch 8, each as 2 micro-batches of 4
     assert ckpt["global_step"] == 2 and ckpt["ImageDataModule"]["images"] == 16
@@ -141,7 +141,7 @@ def test_iddpm_precond_network_predicts_a_variance_too(tmp_path):
     cfg = compose_cfg(tmp_path, [*tiny("digits_edm"), "precond=iddpm", "loss=vp", "trainer.max_steps=2"])
     train(cfg)
     meta = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["edmlab"]
-    assert meta["network"]["out_channels"] == 2 and meta["precond"]["kind"] == "iddpm"  # 2 x img_channels
+    assert meta["network"]["out_channels"] == 2 and meta["precond"]["name"] == "iddpm"  # 2 x img_channels
 
 
 # ---------------------------------------------------------------- numbers
@@ -153,10 +153,10 @@ def test_cifar_edm_recipe_is_edms(tmp_path):
     model = cfg.model
     assert (model.lr_rampup_kimg, model.ema_halflife_kimg, model.ema_rampup_ratio) == (10000, 500, 0.05)
     assert cfg.network.name == "ddpmpp" and cfg.network.dropout == 0.13 and cfg.model.augment_pipe.p == 0.12
-    assert (cfg.precond.kind, cfg.loss.name, cfg.data.use_labels) == ("edm", "edm", True)
+    assert (cfg.precond.name, cfg.loss.name, cfg.data.use_labels) == ("edm", "edm", True)
     for p in ("vp", "ve", "fm"):
         other = compose_cfg(tmp_path, [f"experiment=cifar_{p}"])
-        assert (other.process.name, other.precond.kind, other.loss.name) == (p, p, p)
+        assert (other.process.name, other.precond.name, other.loss.name) == (p, p, p)
         assert other.network == cfg.network and other.optim == cfg.optim and other.model == cfg.model
 
 

@@ -6,7 +6,7 @@ sum_k w_k N(mu_k, Sigma_k + sigma^2 I) and the ideal denoiser (the posterior mea
     D(x; sigma) = sum_k r_k(x) [mu_k + Sigma_k (Sigma_k + sigma^2 I)^-1 (x - mu_k)].
 
 A finite point set is the special case Sigma_k = 0. Both are usable wherever a
-`Denoiser` is: call them as `D(x, sigma, class_labels=None)`.
+`Denoiser` is: they satisfy `edmlab.precond.DenoiserLike` (defined for every sigma, unconditional).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class GaussianMixture:
         self.weights = self.weights / self.weights.sum()
         self.means = torch.as_tensor(means, dtype=torch.float64)
         K, d = self.means.shape
+        self.data_shape = (d,)
         c = torch.as_tensor(stds_or_covs, dtype=torch.float64)
         if c.ndim <= 1:  # one std per component
             c = c.expand(K).reshape(K, 1, 1) ** 2 * torch.eye(d, dtype=torch.float64)
@@ -51,6 +52,10 @@ class GaussianMixture:
     @property
     def dim(self) -> int:
         return self.means.shape[1]
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Every sigma is representable: the identity."""
+        return sigma
 
     def sample(self, n: int, generator: torch.Generator | None = None, return_components: bool = False):
         """n draws from the data law (float64), optionally with their component indices."""
@@ -99,7 +104,9 @@ class FiniteSet(GaussianMixture):
     """The empirical law of a finite set of points: D is a softmax-weighted mean of the points."""
 
     def __init__(self, points) -> None:
-        points = torch.as_tensor(points, dtype=torch.float64).flatten(1)
+        points = torch.as_tensor(points, dtype=torch.float64)
+        self.data_shape = tuple(points.shape[1:])  # the points' own shape, e.g. [C, H, W] images
+        points = points.flatten(1)
         self.weights = torch.full((points.shape[0],), 1 / points.shape[0], dtype=torch.float64)
         self.means = points
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from edmlab.precond import DenoiserLike, check_denoiser
+
 __all__ = ["GuidedDenoiser", "guided"]
 
 
@@ -27,13 +29,16 @@ class GuidedDenoiser(nn.Module):
     """
 
     def __init__(self,
-                 denoiser: nn.Module,                                # D: the conditional (or main) denoiser
+                 denoiser: DenoiserLike,                             # D: the conditional (or main) denoiser
                  guidance: float = 1.0,                              # w; 1 = D exactly, 0 = G
-                 guide: nn.Module | None = None,                     # None: classifier-free; else autoguidance
+                 guide: DenoiserLike | None = None,                  # None: classifier-free; else autoguidance
                  interval: Sequence[float] | None = None,            # (sigma_lo, sigma_hi): w inside, 1 outside
                  batched: bool = True,                               # CFG: one forward of 2N rows (else two)
                  ) -> None:
         super().__init__()
+        check_denoiser(denoiser, "guidance: the denoiser")
+        if guide is not None:
+            check_denoiser(guide, "guidance: the guide")
         if not math.isfinite(float(guidance)):
             raise ValueError(f"guidance must be a finite number, got {guidance!r}")
         if interval is not None:
@@ -50,7 +55,7 @@ class GuidedDenoiser(nn.Module):
         self.items = 0
 
     def __getattr__(self, name: str):
-        """Everything else (round_sigma, label_dim, data_shape, kind, net, ...) is the wrapped denoiser's."""
+        """Everything else (precond, net, ...) is the wrapped denoiser's."""
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -61,13 +66,25 @@ class GuidedDenoiser(nn.Module):
     @property
     def sigma_min(self) -> float:
         """The range where D and the guide are both defined."""
-        return max(float(getattr(m, "sigma_min", 0.0)) for m in self._models())
+        return max(float(m.sigma_min) for m in self._models())
 
     @property
     def sigma_max(self) -> float:
-        return min(float(getattr(m, "sigma_max", math.inf)) for m in self._models())
+        return min(float(m.sigma_max) for m in self._models())
 
-    def _models(self) -> list[nn.Module]:
+    @property
+    def label_dim(self) -> int:
+        return self.denoiser.label_dim
+
+    @property
+    def data_shape(self) -> tuple[int, ...] | None:
+        return self.denoiser.data_shape
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """D's rounding: the guide is evaluated at the levels D visits."""
+        return self.denoiser.round_sigma(sigma)
+
+    def _models(self) -> list[DenoiserLike]:
         return [self.denoiser] if self.guide is None else [self.denoiser, self.guide]
 
     def reset(self) -> None:
@@ -83,7 +100,7 @@ class GuidedDenoiser(nn.Module):
         inside = (sigma > self.interval[0]) & (sigma <= self.interval[1])
         return bool(inside.item()) if sigma.numel() == 1 else inside
 
-    def _call(self, model: nn.Module, x: torch.Tensor, sigma, class_labels, **kwargs) -> torch.Tensor:
+    def _call(self, model: DenoiserLike, x: torch.Tensor, sigma, class_labels, **kwargs) -> torch.Tensor:
         self.nfe += 1
         self.items += x.shape[0]
         return model(x, sigma, class_labels=class_labels, **kwargs)
@@ -121,8 +138,8 @@ class GuidedDenoiser(nn.Module):
         return D_w
 
 
-def guided(denoiser: nn.Module, guidance: float = 1.0, guide: nn.Module | None = None,
-           interval: Sequence[float] | None = None, **kwargs) -> nn.Module:
+def guided(denoiser: DenoiserLike, guidance: float = 1.0, guide: DenoiserLike | None = None,
+           interval: Sequence[float] | None = None, **kwargs) -> DenoiserLike:
     """The denoiser itself at guidance=1 (D_1 = D: the unguided sampler, bit for bit), else a `GuidedDenoiser`."""
     if float(guidance) == 1:
         return denoiser

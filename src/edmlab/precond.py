@@ -1,12 +1,15 @@
 """Preconditioning: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM eq. 7, Table 1).
 
 Each class is one row of Table 1 (plus a flow-matching row, rectified flow's velocity target);
-`Denoiser` wraps any network F with any row.
+`Denoiser` wraps any network F with any row. `DenoiserLike` is what every denoiser offers the samplers,
+guidance and generation: `Denoiser`, `edmlab.guidance.GuidedDenoiser` and the ideal ones of `edmlab.analytic`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -14,9 +17,35 @@ from torch import nn
 from edmlab.process import VP
 
 __all__ = ["Precond", "EDMPrecond", "VPPrecond", "VEPrecond", "IDDPMPrecond", "FMPrecond", "Denoiser",
-           "coefficients", "get", "iddpm_u", "NAMES"]
+           "DenoiserLike", "check_denoiser", "coefficients", "get", "iddpm_u", "NAMES"]
 
 Coefficients = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@runtime_checkable
+class DenoiserLike(Protocol):
+    """D(x; sigma), the estimate of clean y from x = y + n with n ~ N(0, sigma^2 I) (EDM eq. 2), and its range."""
+
+    label_dim: int                        # classes of the one-hot `class_labels`; 0: unconditional
+    sigma_min: float                      # D is defined for sigma_min <= sigma <= sigma_max
+    sigma_max: float
+    data_shape: tuple[int, ...] | None    # one sample: [C, H, W] or [d]; None when D does not know it
+
+    def __call__(self, x: torch.Tensor, sigma: Any, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """D(x; sigma) for a batch x, sigma a scalar or one per item."""
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The noise level D can represent nearest to sigma (identity but for iDDPM's table)."""
+
+
+def check_denoiser(denoiser: object, what: str = "denoiser") -> None:
+    """Raise TypeError naming what `denoiser` lacks of `DenoiserLike`."""
+    if isinstance(denoiser, DenoiserLike):
+        return
+    missing = [m for m in (*DenoiserLike.__annotations__, "round_sigma", "__call__") if not hasattr(denoiser, m)]
+    raise TypeError(f"{what}: a {type(denoiser).__name__} is not a denoiser; it lacks {', '.join(missing)}. "
+                    "Pass an edmlab.precond.Denoiser, an edmlab.analytic law, or an object with label_dim, "
+                    "sigma_min, sigma_max, data_shape, round_sigma(sigma) and __call__(x, sigma, class_labels=None)")
 
 
 class Precond:
@@ -145,21 +174,21 @@ class FMPrecond(Precond):
         return c_skip, c_out, c_in, c_noise
 
 
-_KINDS: dict[str, type[Precond]] = {c.name: c for c in (VPPrecond, VEPrecond, IDDPMPrecond, EDMPrecond, FMPrecond)}
-NAMES = tuple(_KINDS)
+_ROWS: dict[str, type[Precond]] = {c.name: c for c in (VPPrecond, VEPrecond, IDDPMPrecond, EDMPrecond, FMPrecond)}
+NAMES = tuple(_ROWS)
 
 
-def get(kind: str, **params) -> Precond:
+def get(name: str, **params) -> Precond:
     """A row of Table 1 by name: "vp", "ve", "iddpm", "edm", "fm"."""
-    if kind not in _KINDS:
-        raise ValueError(f"unknown preconditioning {kind!r}; valid names: {', '.join(NAMES)}")
-    return _KINDS[kind](**params)
+    if name not in _ROWS:
+        raise ValueError(f"unknown preconditioning {name!r}; valid names: {', '.join(NAMES)}")
+    return _ROWS[name](**params)
 
 
-def coefficients(kind: str, sigma, **params) -> Coefficients:
+def coefficients(name: str, sigma, **params) -> Coefficients:
     """(c_skip, c_out, c_in, c_noise) of Table 1 at sigma (float or tensor; floats computed in float64)."""
     sigma = torch.as_tensor(sigma, dtype=None if isinstance(sigma, torch.Tensor) else torch.float64)
-    return get(kind, **params).coefficients(sigma)
+    return get(name, **params).coefficients(sigma)
 
 
 class Denoiser(nn.Module):
@@ -170,14 +199,18 @@ class Denoiser(nn.Module):
     Extra output channels of F (iDDPM's learned variance) are dropped.
     With `logvar_channels` > 0 it also learns EDM2's log-variance u(sigma) = W Fourier(c_noise)
     (EDM2 eq. 21; names as NVlabs/edm2 `Precond`), returned by `forward(..., return_logvar=True)`.
+    `name` picks the Table 1 row (`self.precond`, named `self.precond.name`); F states its `label_dim`;
+    `data_shape` defaults to the shape F's build config implies (`edmlab.networks.data_shape`).
     """
 
-    def __init__(self, net: nn.Module, kind: str = "edm", sigma_data: float = 0.5, logvar_channels: int = 0,
-                 **params) -> None:
+    def __init__(self, net: nn.Module, name: str = "edm", sigma_data: float = 0.5, logvar_channels: int = 0,
+                 data_shape: Sequence[int] | None = None, **params) -> None:
         super().__init__()
+        if not hasattr(net, "label_dim"):
+            raise TypeError(f"{type(net).__name__} has no label_dim: a network F must state how many classes it "
+                            "takes (0: unconditional); build it with edmlab.networks.build or set net.label_dim")
         self.net = net
-        self.kind = kind
-        self.precond = get(kind, sigma_data=sigma_data, **params)
+        self.precond = get(name, sigma_data=sigma_data, **params)
         self.precond_params = dict(sigma_data=sigma_data, **params)
         if logvar_channels:
             from edmlab.networks.mp_layers import MPConv, MPFourier
@@ -187,9 +220,20 @@ class Denoiser(nn.Module):
             self.precond_params["logvar_channels"] = int(logvar_channels)
         self.sigma_data = float(sigma_data)
         self.sigma_min, self.sigma_max = self.precond.sigma_min, self.precond.sigma_max
-        self.label_dim = int(getattr(net, "label_dim", 0))
+        self.label_dim = int(net.label_dim)
+        if data_shape is None and self.network_config is not None:
+            from edmlab.networks import data_shape as implied_shape
+
+            data_shape = implied_shape(self.network_config)
+        self.data_shape = None if data_shape is None else tuple(int(s) for s in data_shape)
+
+    @property
+    def network_config(self) -> dict[str, Any] | None:
+        """The `edmlab.networks.build` kwargs that rebuild F; None when F was built otherwise (F may be any module)."""
+        return getattr(self.net, "build_config", None)
 
     def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The noise level the precond row can represent nearest to sigma."""
         return self.precond.round_sigma(torch.as_tensor(sigma))
 
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
@@ -198,7 +242,7 @@ class Denoiser(nn.Module):
         sigma = sigma.reshape(-1, *([1] * (x.ndim - 1))).expand(x.shape[0], *([1] * (x.ndim - 1)))
         c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma)
         dtype = next(self.net.parameters(), x).dtype
-        if self.kind == "vp":  # in the network's dtype, as NVlabs computes it
+        if isinstance(self.precond, VPPrecond):  # in the network's dtype, as NVlabs computes it
             c_noise = self.precond.c_noise(sigma.to(dtype))
         F_x = self.net((c_in * x).to(dtype), c_noise.flatten().to(dtype), class_labels=class_labels,
                        augment_labels=augment_labels)

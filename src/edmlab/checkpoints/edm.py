@@ -29,7 +29,7 @@ from edmlab.precond import Denoiser
 __all__ = ["EDMSnapshot", "read_edm_snapshot", "load_edm_pickle"]
 
 
-# EDM precond class -> (edmlab kind, its constants with EDM's defaults).
+# EDM precond class -> (edmlab precond name, its constants with EDM's defaults).
 _PRECONDS: dict[str, tuple[str, dict[str, Any]]] = {
     "EDMPrecond": ("edm", dict(sigma_data=0.5)),
     "VPPrecond": ("vp", dict(beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5)),
@@ -161,10 +161,10 @@ def read_edm_snapshot(path: str | os.PathLike, key: str = "ema") -> EDMSnapshot:
     if precond.class_name not in _PRECONDS:
         raise CheckpointFormatError(f"{source}: preconditioning class {precond.class_name!r} is not supported; "
                                     f"edmlab maps {', '.join(_PRECONDS)}")
-    kind, defaults = _PRECONDS[precond.class_name]
+    name, defaults = _PRECONDS[precond.class_name]
     precond_kwargs = precond.init_kwargs or {k: precond.state[k] for k in defaults if k in precond.state}
     params = {k: precond_kwargs.get(k, default) for k, default in defaults.items()}
-    if kind == "edm" and (precond_kwargs.get("sigma_min", 0) != 0 or
+    if name == "edm" and (precond_kwargs.get("sigma_min", 0) != 0 or
                           precond_kwargs.get("sigma_max", float("inf")) != float("inf")):
         warnings.warn(f"{source}: EDMPrecond sigma_min/sigma_max {precond_kwargs.get('sigma_min')}/"
                       f"{precond_kwargs.get('sigma_max')} are not kept; pass them to the sampler", stacklevel=2)
@@ -179,7 +179,7 @@ def read_edm_snapshot(path: str | os.PathLike, key: str = "ema") -> EDMSnapshot:
         raise CheckpointFormatError(f"{source}: {err}") from None
     weights = f"{source} ({class_name} weights)"
     net = _build_from_edm(class_name, model_kwargs, source, tensors, weights)
-    denoiser = Denoiser(net, kind=kind, **params)
+    denoiser = Denoiser(net, name=name, **params)
     load_weights(net, tensors, source=weights)
     return EDMSnapshot(denoiser=denoiser.eval(), precond_class=precond.class_name,
                        loss=_plain_record(data.get("loss_fn")), augment_pipe=_plain_record(data.get("augment_pipe")),
@@ -224,7 +224,7 @@ def _read_edm2_snapshot(data: Mapping, precond: PersistentRecord, source: str) -
     except ValueError as err:
         raise CheckpointFormatError(f"{source}: EDM2 U-Net kwargs have no edmlab equivalent: {err}") from err
     logvar = named_tensors(modules["logvar_linear"], "logvar_linear.")
-    denoiser = Denoiser(net, kind="edm", sigma_data=float(kwargs.get("sigma_data", 0.5)),
+    denoiser = Denoiser(net, name="edm", sigma_data=float(kwargs.get("sigma_data", 0.5)),
                         logvar_channels=int(next(logvar)[1].shape[1]))
     tensors = {**{f"net.{k}": v for k, v in named_tensors(unet)},
                **dict(named_tensors(modules.get("logvar_fourier"), "logvar_fourier.")),

@@ -11,7 +11,14 @@ from typing import Any
 import torch
 
 from edmlab.checkpoints.errors import CheckpointFormatError
-from edmlab.checkpoints.weights import build_checked, content_hash, load_weights, plain_config, verify_hash
+from edmlab.checkpoints.weights import (
+    build_checked,
+    content_hash,
+    load_weights,
+    plain_config,
+    precond_kwargs,
+    verify_hash,
+)
 from edmlab.fileio import atomic_torch_save
 from edmlab.precond import Denoiser
 
@@ -24,7 +31,7 @@ def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, config: Any = Non
                   global_step: int | None = None) -> Path:
     """Write edmlab's inference checkpoint atomically; `global_step` records the training step it comes from."""
 
-    build_config = getattr(denoiser.net, "build_config", None)
+    build_config = denoiser.network_config
     if build_config is None:
         raise ValueError("denoiser.net has no build_config: build networks with edmlab.networks.build so "
                          "the checkpoint can rebuild them")
@@ -32,7 +39,7 @@ def save_denoiser(denoiser: Denoiser, path: str | os.PathLike, config: Any = Non
         "format": FORMAT,
         "version": VERSION,
         "network": plain_config(build_config, "network"),
-        "precond": {"kind": denoiser.kind, **plain_config(denoiser.precond_params, "precond")},
+        "precond": {"name": denoiser.precond.name, **plain_config(denoiser.precond_params, "precond")},
         "config": plain_config(config),
         "global_step": None if global_step is None else int(global_step),
         "state_dict": {k: v.detach().cpu() for k, v in denoiser.state_dict().items()},
@@ -75,7 +82,7 @@ def load_denoiser(path: str | os.PathLike, map_location: Any = "cpu", verify: bo
                                     f"(this edmlab reads version {VERSION})")
     if verify:
         verify_hash(ckpt["state_dict"], ckpt.get("sha256"), str(path))
-    network, precond = dict(ckpt["network"]), dict(ckpt["precond"])
+    network, precond = dict(ckpt["network"]), precond_kwargs(ckpt)
     denoiser = Denoiser(build_checked(network, ckpt["state_dict"], str(path), prefix="net."), **precond)
     load_weights(denoiser, ckpt["state_dict"], source=str(path))
     return denoiser.to(map_location if isinstance(map_location, str | torch.device) else "cpu").eval()

@@ -32,8 +32,8 @@ def save_snapshot(path: str | os.PathLike, phema: Any, nimg: int, denoiser: nn.M
         "format": PHEMA_FORMAT, "version": PHEMA_VERSION, "nimg": int(nimg),
         "sigma_rels": list(phema.sigma_rels),
         "state_dicts": [{k: v.detach().cpu() for k, v in ema.state_dict().items()} for ema in phema.emas],
-        "network": plain_config(dict(getattr(denoiser.net, "build_config", {})), "network"),
-        "precond": {"kind": denoiser.kind, **plain_config(denoiser.precond_params, "precond")},
+        "network": plain_config(dict(denoiser.network_config or {}), "network"),
+        "precond": {"name": denoiser.precond.name, **plain_config(denoiser.precond_params, "precond")},
         "config": plain_config(config),
     }
     return atomic_torch_save(payload, path)

@@ -13,7 +13,7 @@ import torch
 
 from edmlab.checkpoints.errors import CheckpointFormatError, IncompatibleCheckpoint
 from edmlab.checkpoints.export import FORMAT
-from edmlab.checkpoints.weights import build_checked, load_weights, verify_hash
+from edmlab.checkpoints.weights import build_checked, load_weights, precond_kwargs, verify_hash
 from edmlab.precond import Denoiser
 
 __all__ = ["CKPT_DIR", "CKPT_NAME", "EXPORT_NAME", "CHECKPOINT_KEY", "EMA_PREFIX", "RAW_PREFIX", "META_FORMAT",
@@ -108,8 +108,7 @@ def denoiser_from_training(path: Path, ckpt: dict, use_ema: bool, map_location: 
     if not state:
         raise CheckpointFormatError(f"{path}: no weights under {prefix!r} in state_dict "
                                     f"({'EMA' if use_ema else 'raw'} weights requested by use_ema={use_ema})")
-    denoiser = Denoiser(build_checked(dict(meta["network"]), state, str(path), prefix="net."), **dict(meta["precond"]))
+    denoiser = Denoiser(build_checked(dict(meta["network"]), state, str(path), prefix="net."), **precond_kwargs(meta),
+                        data_shape=meta.get("data_shape") or None)
     load_weights(denoiser, state, source=f"{path} ({'EMA' if use_ema else 'raw'} weights)")
-    if meta.get("data_shape"):
-        denoiser.data_shape = [int(s) for s in meta["data_shape"]]
     return denoiser.to(map_location).eval()

@@ -14,7 +14,8 @@ from torch import nn
 from edmlab.checkpoints.errors import CheckpointFormatError
 from edmlab.networks import build
 
-__all__ = ["load_weights", "build_checked", "check_weights", "content_hash", "verify_hash", "plain_config"]
+__all__ = ["load_weights", "build_checked", "check_weights", "content_hash", "verify_hash", "plain_config",
+           "precond_kwargs"]
 
 
 def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -84,3 +85,13 @@ def plain_config(value: Any, where: str = "config") -> Any:
         return str(value)
     raise TypeError(f"{where}: cannot store a {type(value).__name__} in an edmlab checkpoint; "
                     "use plain dicts, lists, strings and numbers")
+
+
+def precond_kwargs(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The `Denoiser(net, **kwargs)` keywords stored under `meta["precond"]` of any edmlab file.
+
+    Files written before the registry key was `name` store the Table 1 row under `kind`; both read the same."""
+    kwargs = dict(meta["precond"])
+    if "kind" in kwargs:
+        kwargs["name"] = kwargs.pop("kind")
+    return kwargs

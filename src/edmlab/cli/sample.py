@@ -127,7 +127,7 @@ def run(cfg: DictConfig) -> GenerateResult:
         settings["guidance"] = {"w": float(cfg.guidance), "interval": interval,
                                 "guide": str(guide.path.resolve()) if guide else None}
     if rank == 0:
-        log.info(f"{cfg.ckpt}: {type(denoiser.net).__name__}, precond {denoiser.kind}, label_dim "
+        log.info(f"{cfg.ckpt}: {type(denoiser.net).__name__}, precond {denoiser.precond.name}, label_dim "
                  f"{denoiser.label_dim}; {len(seeds)} seed(s) on {world_size} process(es), {device}; {solver}")
     return generate(denoiser, seeds, cfg.outdir, sampler, batch_size=int(cfg.batch_size), class_labels=class_labels,
                     format=str(cfg.format), grid=bool(cfg.grid), device=device, shape=shape, rank=rank,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from edmlab.precond import DenoiserLike
 
 __all__ = ["ConfigError", "check_types", "check_sampling", "check_callbacks"]
 
@@ -76,15 +77,16 @@ def check_types(config: Mapping[str, Any]) -> None:
 
 
 class _Probe(nn.Module):
-    """Stands for the denoiser in a dry run of a sampler: its noise range, rounding and labels; outputs zeros."""
+    """Stands for the denoiser in a dry run of a sampler: its noise range, rounding, labels and shape; outputs zeros."""
 
-    def __init__(self, denoiser: nn.Module) -> None:
+    def __init__(self, denoiser: DenoiserLike) -> None:
         super().__init__()
-        self.label_dim = int(getattr(denoiser, "label_dim", 0))
-        self.sigma_min = float(getattr(denoiser, "sigma_min", 0.0))
-        self.sigma_max = float(getattr(denoiser, "sigma_max", math.inf))
-        if hasattr(denoiser, "round_sigma"):
-            self.round_sigma = denoiser.round_sigma
+        self.label_dim, self.data_shape = denoiser.label_dim, denoiser.data_shape
+        self.sigma_min, self.sigma_max = float(denoiser.sigma_min), float(denoiser.sigma_max)
+        self._round_sigma = denoiser.round_sigma
+
+    def round_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self._round_sigma(sigma)
 
     def forward(self, x: torch.Tensor, sigma: Any, class_labels: torch.Tensor | None = None, **_: Any):
         return torch.zeros_like(x)
@@ -97,7 +99,7 @@ def _grid(key: str, per_class: Any, num_unconditional: Any, scale: Any) -> None:
             raise ConfigError(f"{key}.{name}={value!r}: expected an integer >= {low}")
 
 
-def check_sampling(denoiser: nn.Module, data_shape: list[int], samplers: Mapping[str, Callable],
+def check_sampling(denoiser: DenoiserLike, data_shape: list[int], samplers: Mapping[str, Callable],
                    grids: Mapping[str, Mapping[str, Any]] = (), checks: Mapping[str, Callable] = ()) -> None:
     """Run each sampler once on a stand-in denoiser (a few steps on one tiny item); check grid sizes; run checks.
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from edmlab.generation.seeds import ClassLabels, SeedGenerator, batches_for_rank, draw_labels
+from edmlab.precond import DenoiserLike
 
 __all__ = ["Sampler", "Batch", "generate_batch", "iterate_batches", "data_shape"]
 
@@ -40,7 +41,7 @@ def generate_batch(denoiser: torch.nn.Module, seeds: Sequence[int], sampler: Sam
     shape = tuple(data_shape(denoiser) if shape is None else shape)
     rng = SeedGenerator(seeds, device)
     latents = rng.randn(shape)
-    label_dim = int(getattr(denoiser, "label_dim", 0))
+    label_dim = int(denoiser.label_dim)
     labels = draw_labels(rng, label_dim, class_labels)
     one_hot = None if labels is None else torch.eye(label_dim, device=device)[labels]
     images = sampler(denoiser, latents, class_labels=one_hot, generator=rng.generators)
@@ -71,17 +72,9 @@ def iterate_batches(denoiser: torch.nn.Module, seeds: Sequence[int], sampler: Sa
         yield Batch(chunk, images, drawn, index=rank + i * world_size)
 
 
-def data_shape(denoiser: torch.nn.Module) -> tuple[int, ...]:
-    """The shape of one sample: [C, H, W] for images, [d] for vector (MLP, img_resolution 1) networks."""
-    if getattr(denoiser, "data_shape", None):
-        return tuple(int(s) for s in denoiser.data_shape)
-    net = getattr(denoiser, "net", denoiser)
-    config = getattr(net, "build_config", None) or {}
-    res = config.get("img_resolution", getattr(net, "img_resolution", None))
-    ch = config.get("img_channels", getattr(net, "img_channels", None))
-    if res is None or ch is None:
-        raise ValueError(f"cannot tell the sample shape of {type(net).__name__}: it has no img_resolution/"
-                         "img_channels; pass shape=[C, H, W] (sample.py: shape=[...])")
-    if int(res) == 1 and config.get("name", "") == "mlp":
-        return (int(ch),)
-    return (int(ch), int(res), int(res))
+def data_shape(denoiser: DenoiserLike) -> tuple[int, ...]:
+    """`denoiser.data_shape`, the shape of one sample; an error saying what to pass when it is unknown."""
+    if denoiser.data_shape is None:
+        raise ValueError(f"cannot tell the sample shape of this {type(denoiser).__name__}: its network was not built "
+                         "by edmlab.networks.build; pass shape=[C, H, W] (sample.py: shape=[...])")
+    return tuple(denoiser.data_shape)

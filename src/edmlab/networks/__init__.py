@@ -18,7 +18,7 @@ from edmlab.networks.edm2_unet import EDM2_PRESETS, EDM2UNet
 from edmlab.networks.mlp import MLP
 from edmlab.networks.song_unet import SongUNet
 
-__all__ = ["build", "PRESETS", "NAMES", "SongUNet", "DhariwalUNet", "MLP", "EDM2UNet", "EDM2_PRESETS",
+__all__ = ["build", "data_shape", "PRESETS", "NAMES", "SongUNet", "DhariwalUNet", "MLP", "EDM2UNet", "EDM2_PRESETS",
            "num_parameters"]
 
 # name -> (class, defaults). Song U-Nets: EDM train.py --arch=ddpmpp|ncsnpp on CIFAR-10 (--dropout 0.13);
@@ -72,6 +72,12 @@ def build(name: str, *, img_resolution: int, img_channels: int, label_dim: int =
     net.build_config = dict(name=name, img_resolution=int(img_resolution), img_channels=int(img_channels),
                             label_dim=int(label_dim), augment_dim=int(augment_dim), **overrides)
     return net
+
+
+def data_shape(config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The shape of one sample of `build(**config)`: [d] for the MLP on vectors (img_resolution 1), else [C, H, W]."""
+    res, ch = int(config["img_resolution"]), int(config["img_channels"])
+    return (ch,) if config["name"] == "mlp" and res == 1 else (ch, res, res)
 
 
 def num_parameters(net: nn.Module) -> int:

@@ -1,8 +1,8 @@
-"""Samplers: time-step grids and solvers of the probability-flow ODE and the reverse SDE.
+"""Samplers: noise-level steps and solvers of the probability-flow ODE and the reverse SDE.
 
 Every solver integrates the process-independent law fixed by one denoiser D;
 the process (s, sigma) only sets the time variable t some solvers step in.
-Grids (`edmlab.sampling.steps`, `edmlab.sampling.optimize`) are separate from
+Steps (`edmlab.sampling.steps`, `edmlab.sampling.optimize`) are separate from
 solvers (`SOLVERS`, one signature: `edmlab.sampling.registry`), every solver ends
 with the step to sigma = 0, which is the denoiser output itself, and `sample` is
 a pure function: no scheduler state.
@@ -11,7 +11,6 @@ a pure function: no scheduler state.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from edmlab import process as processes
 from edmlab.guidance import guided
+from edmlab.precond import DenoiserLike, check_denoiser
 from edmlab.process import NoiseProcess
 from edmlab.sampling import classic  # noqa: F401  (importing registers the solvers: EDM's first)
 
@@ -35,17 +35,17 @@ __all__ = ["sample", "sigma_steps", "ays_steps", "optimized_steps", "register", 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Grids beyond the closed forms of `sigma_steps`: published AYS sets, and steps fitted to the denoiser.
+# Discretizations beyond the closed forms of `sigma_steps`: published AYS sets, and steps fitted to the denoiser.
 ALL_DISCRETIZATIONS = DISCRETIZATIONS + ("ays", "optimized")
-GRID_OPTIONS = {  # options of the grids, by discretization (everything else goes to the solver)
+STEP_OPTIONS = {  # options of each discretization (everything else goes to the solver)
     "vp": ("epsilon_s",), "iddpm": ("M", "C_1", "C_2"), "ays": ("ays_model",),
     "optimized": ("pilots", "fine_steps", "search_seed", "fit", "steps_cache"),
 }
 
 
 def _refuse_unknown_keys(options: dict[str, Any]) -> None:
-    """A key no solver or grid takes (a typo such as num_step) is named with every valid key."""
-    known = {k for keys in GRID_OPTIONS.values() for k in keys} | {k for s in SOLVERS.values() for k in s.options}
+    """A key no solver or discretization takes (a typo such as num_step) is named with every valid key."""
+    known = {k for keys in STEP_OPTIONS.values() for k in keys} | {k for s in SOLVERS.values() for k in s.options}
     unknown = sorted(set(options) - known)
     if unknown:
         own = [k for k in inspect.signature(sample).parameters if k not in ("denoiser", "latents", "options")]
@@ -81,24 +81,26 @@ def _analytic_first(D: DenoiseFn, data_mean, data_std: float | None) -> DenoiseF
 
 
 @torch.no_grad()
-def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: int = 18,
+def sample(denoiser: DenoiserLike, latents: torch.Tensor, *, solver: str = "heun", num_steps: int = 18,
            discretization: str = "edm", process: str | NoiseProcess = "edm", sigma_min: float | None = None,
            sigma_max: float | None = None, rho: float = 7.0, class_labels: torch.Tensor | None = None,
            generator: Generator = None, return_nfe: bool = False, callback: Callback | None = None,
            analytic_first_step: bool = False, data_mean: Any = 0.0, data_std: float | None = None,
-           guidance: float = 1.0, guide=None, guidance_interval: Sequence[float] | None = None, **options):
+           guidance: float = 1.0, guide: DenoiserLike | None = None,
+           guidance_interval: Sequence[float] | None = None, **options):
     """Draw samples by integrating from unit-Gaussian `latents` (scaled to the first step) down to sigma = 0.
 
     `options` are the solver's (e.g. S_churn for euler/heun/edm_stochastic, order/variant for unipc:
-    `SOLVERS[name].options`) and the grid's (GRID_OPTIONS); any other name is refused. `callback(Step)`
+    `SOLVERS[name].options`) and the discretization's (STEP_OPTIONS); any other name is refused. `callback(Step)`
     sees every step. `analytic_first_step` replaces the first network call by the data mean (and
     `data_std`, when given, by the Gaussian posterior mean). The state is float64 (as in EDM's
     sampler); the result has the dtype of `latents`. Steps are clamped to the denoiser's
-    [sigma_min, sigma_max] and rounded by its `round_sigma` when it has them (EDM's edm_sampler).
+    [sigma_min, sigma_max] and rounded by its `round_sigma` (EDM's edm_sampler).
     `guidance` w integrates D_w = G + w (D - G) (edmlab.guidance): G is the network without labels when
     `guide` is None (classifier-free), else `guide`; `guidance_interval` limits w to (sigma_lo, sigma_hi].
     The NFE counts denoiser calls: a classifier-free call is one forward of a doubled batch.
     """
+    check_denoiser(denoiser, "sample")
     denoiser = guided(denoiser, guidance, guide=guide, interval=guidance_interval)
     _check_name("solver", solver, tuple(SOLVERS))
     proc = processes.get(process)
@@ -106,14 +108,14 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
         raise ValueError("latents contain NaN or Inf")
     _check_name("discretization", discretization, ALL_DISCRETIZATIONS)
     _refuse_unknown_keys(options)
-    grid_keys = GRID_OPTIONS.get(discretization, ())
-    solver_opts = solver_options(solver, {k: v for k, v in options.items() if k not in grid_keys})
-    grid = {k: v for k, v in options.items() if k in grid_keys}
-    round_sigma = getattr(denoiser, "round_sigma", lambda sigma: sigma)
+    step_keys = STEP_OPTIONS.get(discretization, ())
+    solver_opts = solver_options(solver, {k: v for k, v in options.items() if k not in step_keys})
+    step_opts = {k: v for k, v in options.items() if k in step_keys}
+    round_sigma = denoiser.round_sigma
     closed_form = discretization in DISCRETIZATIONS
-    lo, hi = _default_range(discretization if closed_form else "edm", proc, grid.get("epsilon_s", 1e-3))
-    sigma_min = max(lo if sigma_min is None else sigma_min, getattr(denoiser, "sigma_min", 0.0))
-    sigma_max = min(hi if sigma_max is None else sigma_max, getattr(denoiser, "sigma_max", math.inf))
+    lo, hi = _default_range(discretization if closed_form else "edm", proc, step_opts.get("epsilon_s", 1e-3))
+    sigma_min = max(lo if sigma_min is None else sigma_min, denoiser.sigma_min)
+    sigma_max = min(hi if sigma_max is None else sigma_max, denoiser.sigma_max)
 
     nfe = 0
 
@@ -124,13 +126,14 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
 
     if closed_form:
         sigmas = sigma_steps(discretization, num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                             process=proc, round_sigma=round_sigma, **grid)
+                             process=proc, round_sigma=round_sigma, **step_opts)
     else:
         if discretization == "ays":
-            sigmas = ays_steps(num_steps, model=grid.get("ays_model", "svd"), sigma_min=sigma_min, sigma_max=sigma_max)
+            sigmas = ays_steps(num_steps, model=step_opts.get("ays_model", "svd"), sigma_min=sigma_min,
+                               sigma_max=sigma_max)
         else:
             sigmas = _fitted_steps(denoiser, latents, num_steps, sigma_min, sigma_max, class_labels, solver,
-                                   solver_opts, (analytic_first_step, data_mean, data_std), **grid)
+                                   solver_opts, (analytic_first_step, data_mean, data_std), **step_opts)
         sigmas = torch.cat([round_sigma(sigmas[:-1].to(latents.device)).to(torch.float64).cpu(), sigmas[-1:].cpu()])
     sigmas = sigmas.to(latents.device)
 
@@ -142,11 +145,11 @@ def sample(denoiser, latents: torch.Tensor, *, solver: str = "heun", num_steps: 
     return (x, nfe) if return_nfe else x
 
 
-def _fitted_steps(denoiser, latents: torch.Tensor, num_steps: int, sigma_min: float, sigma_max: float,
+def _fitted_steps(denoiser: DenoiserLike, latents: torch.Tensor, num_steps: int, sigma_min: float, sigma_max: float,
                   class_labels, solver: str, solver_opts: dict, first_step: tuple, *, pilots: int = 32,
                   fine_steps: int = 256, search_seed: int = 0, fit: bool = True,
                   steps_cache: str | os.PathLike | None = None) -> torch.Tensor:
-    """The `optimized` grid for this denoiser and solver: pilots from search_seed (labels: the batch's first)."""
+    """The `optimized` steps for this denoiser and solver: pilots from search_seed (labels: the batch's first)."""
     labels = None if class_labels is None else class_labels[:1].expand(pilots, *class_labels.shape[1:])
 
     def denoise(x, sigma):

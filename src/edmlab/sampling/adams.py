@@ -3,7 +3,7 @@
 Zhang & Chen 2023 (DEIS, "improved PNDM"): the fixed Adams-Bashforth weights of
 orders 1-4 with lower orders to start, one NFE per step. `variable_step=True`
 integrates the Lagrange interpolant of the past eps over each actual step
-instead (the weights of a non-uniform grid), which keeps order 4 on any grid.
+instead (the weights of non-uniform steps), which keeps order 4 on any steps.
 Every step into sigma = 0 is D itself.
 """
 

@@ -26,7 +26,7 @@ def _heun_scaled(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Ten
 def restart(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback, ctx: Context, *,
             restarts: int = 1, restart_sigma_min: float = 0.1, restart_sigma_max: float = 1.0,
             restart_steps: int = 4, s_noise: float = 1.0, rho: float = 7.0) -> torch.Tensor:
-    """Restart sampling (Xu et al. 2023, Alg. 1): Heun on the grid; at the first level <= restart_sigma_min, `restarts`
+    """Restart sampling (Xu et al. 2023, Alg. 1): Heun on the steps; at the first level <= restart_sigma_min, `restarts`
     times: noise up to restart_sigma_max (forward process) and Heun back in `restart_steps` rho-spaced steps."""
     if restarts < 0 or restart_steps < 1 or not 0 < restart_sigma_min < restart_sigma_max:
         raise ValueError(f"restart needs restarts >= 0, restart_steps >= 1, 0 < restart_sigma_min < restart_sigma_max;"

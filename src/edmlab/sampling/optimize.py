@@ -1,15 +1,15 @@
 """Time steps fitted to a denoiser: a GITS-style search (Chen et al. 2024, "trajectory regularity"), then a fit.
 
-A few pilot trajectories of the model's own ODE are solved accurately on a fine
-grid (Heun on `fine_steps` rho-7 levels); the cost of a coarse step sigma_i ->
+A few pilot trajectories of the model's own ODE are solved accurately (Heun on
+`fine_steps` rho-7 levels); the cost of a coarse step sigma_i ->
 sigma_j is the RMS error of one Euler step (DDIM, the first-order step every
 solver here shares) from the pilots' state at sigma_i against their state at
 sigma_j, and dynamic programming picks the N - 1 steps from sigma_max to sigma_min
 with the least total cost. Given the solver (`solve`), the steps are then fitted to
 its own end-point error on the pilots: the best of a two-parameter family (one jump
 from sigma_max to s_1, levels even in log sigma down to s_2, one jump to sigma_min)
-and the DP grid, polished level by level. The pilots come from `seed`, so the grid is
-reproducible; `cache` (a JSON file, e.g. beside the checkpoint) keeps one grid per
+and the DP steps, polished level by level. The pilots come from `seed`, so the steps are
+reproducible; `cache` (a JSON file, e.g. beside the checkpoint) keeps one set of steps per
 (num_steps, range, search settings), written atomically.
 """
 
@@ -60,7 +60,7 @@ def best_path(cost: torch.Tensor, num_edges: int) -> list[int]:
     """The path 0 -> M-1 through num_edges edges of least total cost (dynamic programming over [M, M] costs)."""
     M = cost.shape[0]
     if not 1 <= num_edges <= M - 1:
-        raise ValueError(f"cannot take {num_edges} steps through a grid of {M} levels")
+        raise ValueError(f"cannot take {num_edges} steps through {M} levels")
     best = cost[0].clone()  # best[j]: least cost 0 -> j in k edges
     parents = []
     for _ in range(num_edges - 1):
@@ -82,7 +82,7 @@ def _family(num_steps: int, sigma_min: float, sigma_max: float, s1: float, s2: f
 
 def _fit(solve: Callable, latents: torch.Tensor, target: torch.Tensor, start: torch.Tensor, num_steps: int,
          sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """Levels minimising the RMS end-point error of `solve` on the pilots: family grid search, then a polish."""
+    """Levels minimising the RMS end-point error of `solve` on the pilots: a search of the family, then a polish."""
     zero = torch.zeros(1, dtype=torch.float64)
 
     def error(levels: torch.Tensor) -> float:

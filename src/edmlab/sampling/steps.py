@@ -1,7 +1,7 @@
-"""Time-step grids (discretizations): the noise levels sigma_0 > ... > sigma_{N-1} > sigma_N = 0 a solver visits.
+"""Discretizations: the noise levels sigma_0 > ... > sigma_{N-1} > sigma_N = 0 a solver visits.
 
-`sigma_steps` holds the closed-form grids of EDM Table 1; `ays_steps` the
-published Align-Your-Steps sets; grids fitted to a denoiser live in
+`sigma_steps` holds the closed-form discretizations of EDM Table 1; `ays_steps` the
+published Align-Your-Steps sets; steps fitted to a denoiser live in
 `edmlab.sampling.optimize`.
 """
 

@@ -57,7 +57,7 @@ def unipc(D: Denoise, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback,
     """UniPC-p (Zhao et al. 2023): UniP of order p (warm-up from 1), UniC after every step but the last.
 
     lower_order_final (diffusers' default): order <= the steps left, so the last step before D is of
-    order <= 2: far more stable when a grid ends with a long jump to sigma_min.
+    order <= 2: far more stable when the steps end with a long jump to sigma_min.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")

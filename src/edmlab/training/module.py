@@ -123,7 +123,7 @@ class EDMModule(L.LightningModule):
     # ------------------------------------------------------------------ conveniences
     @property
     def label_dim(self) -> int:
-        return int(getattr(self.denoiser, "label_dim", 0))
+        return self.denoiser.label_dim
 
     def bucket_names(self) -> list[str]:
         edges = [f"{e:g}" for e in self.sigma_edges.tolist()]
@@ -273,11 +273,10 @@ class EDMModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def edmlab_metadata(self) -> dict[str, Any]:
         """What rebuilds the EMA denoiser from a checkpoint: network build kwargs, preconditioning, config."""
-        net = self.denoiser.net
         return {
             "format": META_FORMAT, "version": META_VERSION,
-            "network": dict(getattr(net, "build_config", {})),
-            "precond": {"kind": self.denoiser.kind, **self.denoiser.precond_params},
+            "network": dict(self.denoiser.network_config or {}),
+            "precond": {"name": self.denoiser.precond.name, **self.denoiser.precond_params},
             "config": self.run_config,
             "data_shape": list(self.data_shape),
             "ema_prefix": EMA_PREFIX,

@@ -45,13 +45,13 @@ def reconstruct(snapshots: Sequence[SnapshotInfo], sigma_rel: float,
 
 def reconstruct_denoiser(snapshots: Sequence[SnapshotInfo], sigma_rel: float, nimg: int | None = None):
     """The reconstructed EMA as a Denoiser (rebuilt from the snapshot's network and precond), in eval mode."""
-    from edmlab.checkpoints.weights import load_weights
+    from edmlab.checkpoints.weights import load_weights, precond_kwargs
     from edmlab.networks import build
     from edmlab.precond import Denoiser
 
     state, meta = reconstruct(snapshots, sigma_rel, nimg)
     if not meta.get("network"):
         raise ValueError("the snapshots hold no network build config; they were not written by edmlab training")
-    denoiser = Denoiser(build(**dict(meta["network"])), **dict(meta["precond"]))
+    denoiser = Denoiser(build(**dict(meta["network"])), **precond_kwargs(meta))
     load_weights(denoiser, state, source="post-hoc EMA reconstruction")
     return denoiser.eval(), meta

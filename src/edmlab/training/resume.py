@@ -12,6 +12,7 @@ import torch
 
 from edmlab.checkpoints.errors import IncompatibleCheckpoint
 from edmlab.checkpoints.training import CHECKPOINT_KEY
+from edmlab.checkpoints.weights import precond_kwargs
 
 __all__ = ["check_resume", "check_compatible", "config_changes", "BREAKING_KEYS", "IGNORED_KEYS"]
 
@@ -48,7 +49,7 @@ def check_compatible(checkpoint: dict[str, Any], module: torch.nn.Module) -> Non
     if meta.get("network") and own["network"]:
         problems += [f"network.{d}" for d in _diff(meta["network"], own["network"])]
     if meta.get("precond"):
-        problems += [f"precond.{d}" for d in _diff(meta["precond"], own["precond"])]
+        problems += [f"precond.{d}" for d in _diff(precond_kwargs(meta), own["precond"])]
     state = checkpoint.get("state_dict", {})
     mine = module.state_dict()
     missing = sorted(set(mine) - set(state))

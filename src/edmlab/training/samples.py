@@ -83,7 +83,7 @@ class SampleGrid(StepCallback):
         if self.guidance != 1 and pl_module.label_dim == 0:
             raise ValueError(f"callbacks.sample_grid.guidance={self.guidance:g} needs a class-conditional model; "
                              "this one is unconditional (label_dim=0): set guidance to 1")
-        if self.guidance != 1 and not getattr(pl_module.denoiser.net, "label_dropout", 0):
+        if self.guidance != 1 and not pl_module.denoiser.net.label_dropout:
             log.warning("sample_grid.guidance != 1, but the network trains without label dropout: its "
                         "unconditional branch is untrained (set network.label_dropout, e.g. 0.1)")
 
