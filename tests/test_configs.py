@@ -62,7 +62,7 @@ def check_constants(resolved: dict) -> None:
     assert resolved["precond"]["sigma_data"] == resolved["sigma_data"]
     if "sigma_data" in resolved["loss"]:
         assert resolved["loss"]["sigma_data"] == resolved["precond"]["sigma_data"]
-    for node, name in (("process", "name"), ("precond", "kind"), ("loss", "name")):
+    for node, name in (("process", "name"), ("precond", "name"), ("loss", "name")):
         if resolved[node][name] == "vp":
             assert {k: resolved[node][k] for k in ("beta_d", "beta_min")} == \
                 {k: resolved["vp"][k] for k in ("beta_d", "beta_min")}

@@ -218,7 +218,8 @@ def compose(overrides):
 
 
 def test_trainer_gpu_fast_sets_every_switch_and_the_cli_applies_them():
-    from edmlab.cli.train import _apply_extras, build_model
+    from edmlab.cli.extras import apply_extras
+    from edmlab.cli.train import build_model
 
     quiet = ["logger=csv", "extras.print_config=false"]
     default, fast = compose(quiet), compose([*quiet, "trainer=gpu_fast"])
@@ -231,10 +232,10 @@ def test_trainer_gpu_fast_sets_every_switch_and_the_cli_applies_them():
     backends = torch.backends
     saved = (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark)
     try:
-        _apply_extras(fast)
+        apply_extras(fast)
         assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32 and backends.cudnn.benchmark
         assert layers._attention["backend"] == "sdpa"
-        _apply_extras(default)  # EDM's settings: true fp32, cuDNN autotuning, EDM's attention ops
+        apply_extras(default)  # EDM's settings: true fp32, cuDNN autotuning, EDM's attention ops
         assert not backends.cuda.matmul.allow_tf32 and not backends.cudnn.allow_tf32 and backends.cudnn.benchmark
         assert layers._attention["backend"] == "einsum"
     finally:
