@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from edmlab import cluster
+from edmlab.cli import resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -79,16 +80,16 @@ def test_cluster_environment_for_lightning(monkeypatch):
 
 
 def test_gpus_per_node_resolvers():
-    assert cluster.slurm_tasks_per_node(8) == 8
-    assert cluster.slurm_tasks_per_node([0, 1, 2, 3]) == 4
-    assert cluster.slurm_tasks_per_node("0,1") == 2
-    assert cluster.slurm_gpus_per_node("gpu", 8) == 8
-    assert cluster.slurm_gpus_per_node("cpu", 4) is None
+    assert resolvers.slurm_tasks_per_node(8) == 8
+    assert resolvers.slurm_tasks_per_node([0, 1, 2, 3]) == 4
+    assert resolvers.slurm_tasks_per_node("0,1") == 2
+    assert resolvers.slurm_gpus_per_node("gpu", 8) == 8
+    assert resolvers.slurm_gpus_per_node("cpu", 4) is None
     for bad in (-1, "auto", 0):
         with pytest.raises(ValueError, match=r"trainer.devices=<GPUs per node>"):
-            cluster.slurm_tasks_per_node(bad)
-    assert cluster.local_gpu_count("cpu") == 0
-    assert cluster.local_gpu_count("gpu") == torch.cuda.device_count()
+            resolvers.slurm_tasks_per_node(bad)
+    assert resolvers.local_gpu_count("cpu") == 0
+    assert resolvers.local_gpu_count("gpu") == torch.cuda.device_count()
 
 
 # ---------------------------------------------------------------- (2) the Slurm submission for 2 nodes x 8 GPUs
@@ -112,7 +113,7 @@ def test_slurm_launcher_renders_2_nodes_x_8_gpus(tmp_path, monkeypatch):
 
     import edmlab.cli  # noqa: F401 - registers the edmlab.* resolvers the configs use
 
-    cluster.register_resolvers()
+    resolvers.register()
     bin_dir, captured = _fake_slurm_bin(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(submitit.slurm.slurm.SlurmJob, "results", lambda self: ["not run"])  # nothing polls sacct
@@ -152,7 +153,7 @@ def test_launchers_compose_for_sample_py():
 
     import edmlab.cli.sample  # noqa: F401
 
-    cluster.register_resolvers()
+    resolvers.register()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         slurm = compose("sample", return_hydra_config=True, overrides=[
             "hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=8", "hydra.launcher.gpus_per_node=8",

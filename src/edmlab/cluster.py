@@ -1,4 +1,4 @@
-"""Clusters: Slurm job ids, requeue on the time-limit signal, Lightning's cluster environment, GPUs per node.
+"""Clusters: Slurm job ids, requeue on the time-limit signal, Lightning's cluster environment.
 
 Slurm sends `--signal=USR1@<s>` seconds before a job's time limit. `edmlab.training.Checkpoint`
 saves `last.ckpt` at the next step boundary (all ranks agree) and stops; `Requeue` then runs
@@ -15,7 +15,7 @@ import os
 import shlex
 import signal as signal_module
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -23,8 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from edmlab.dist import launch_info
 
 __all__ = ["EXIT_REQUEUED", "REQUEUE_CMD_ENV", "Requeue", "slurm_job_id", "requeue_command", "requeue",
-           "cluster_environment", "slurm_gpus_per_node", "slurm_tasks_per_node", "local_gpu_count",
-           "register_resolvers"]
+           "cluster_environment"]
 
 log = logging.getLogger(__name__)
 
@@ -140,47 +139,3 @@ class Requeue(Callback):
             # SystemExit passes Hydra's and submitit's `except Exception`: no result is recorded for this
             # attempt, so a sweep waits for the requeued job instead of taking a half-trained metric
             raise SystemExit(EXIT_REQUEUED if self.requeued else 1)
-
-
-# ---------------------------------------------------------------- resolvers for configs/hydra/launcher/
-def _device_count(devices: Any, launcher: str) -> int:
-    if isinstance(devices, Sequence) and not isinstance(devices, str):
-        count = len(devices)
-    else:
-        text = str(devices).strip()
-        if "," in text:  # Lightning's "0,1,2" device list
-            count = len([d for d in text.split(",") if d.strip()])
-        else:
-            count = int(text) if text.lstrip("-").isdigit() else 0
-    if count <= 0:
-        raise ValueError(f"hydra/launcher={launcher}: trainer.devices={devices!r} does not say how many GPUs a "
-                         "node has; pass trainer.devices=<GPUs per node> (e.g. trainer.devices=8)")
-    return count
-
-
-def slurm_tasks_per_node(devices: Any) -> int:
-    """One Slurm task per device: Lightning's SLURMEnvironment maps task = rank = device."""
-    return _device_count(devices, "submitit_slurm")
-
-
-def slurm_gpus_per_node(accelerator: Any, devices: Any) -> int | None:
-    """GPUs to request per node (None for CPU training: no --gpus-per-node line)."""
-    if str(accelerator) == "cpu":
-        return None
-    return _device_count(devices, "submitit_slurm")
-
-
-def local_gpu_count(accelerator: Any) -> int:
-    """GPUs the submitit local launcher leaves visible to its jobs (it sets CUDA_VISIBLE_DEVICES=0..n-1)."""
-    if str(accelerator) == "cpu":
-        return 0
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def register_resolvers() -> None:
-    """Register edmlab.slurm_tasks / edmlab.slurm_gpus / edmlab.local_gpu_count (idempotent)."""
-    from edmlab.cli.resolvers import register
-
-    register()  # with the other edmlab.* resolvers, Lightning-free (they import this module when resolved)

@@ -6,13 +6,16 @@ import datetime
 import itertools
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from edmlab import dist
 
-__all__ = ["register", "run_stamp", "steps_for_kimg", "repo_root"]
+__all__ = ["register", "run_stamp", "steps_for_kimg", "repo_root", "slurm_tasks_per_node", "slurm_gpus_per_node",
+           "local_gpu_count"]
 
 
 def repo_root() -> str:
@@ -91,29 +94,52 @@ def _output_subdir(default: str) -> str | None:
     return default
 
 
+def _device_count(devices: Any, launcher: str) -> int:
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        count = len(devices)
+    else:
+        text = str(devices).strip()
+        if "," in text:  # Lightning's "0,1,2" device list
+            count = len([d for d in text.split(",") if d.strip()])
+        else:
+            count = int(text) if text.lstrip("-").isdigit() else 0
+    if count <= 0:
+        raise ValueError(f"hydra/launcher={launcher}: trainer.devices={devices!r} does not say how many GPUs a "
+                         "node has; pass trainer.devices=<GPUs per node> (e.g. trainer.devices=8)")
+    return count
+
+
+def slurm_tasks_per_node(devices: Any) -> int:
+    """One Slurm task per device: Lightning's SLURMEnvironment maps task = rank = device."""
+    return _device_count(devices, "submitit_slurm")
+
+
+def slurm_gpus_per_node(accelerator: Any, devices: Any) -> int | None:
+    """GPUs to request per node (None for CPU training: no --gpus-per-node line)."""
+    if str(accelerator) == "cpu":
+        return None
+    return _device_count(devices, "submitit_slurm")
+
+
+def local_gpu_count(accelerator: Any) -> int:
+    """GPUs the submitit local launcher leaves visible to its jobs (it sets CUDA_VISIBLE_DEVICES=0..n-1)."""
+    if str(accelerator) == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+
 def register() -> None:
     """Register the edmlab.* resolvers (idempotent)."""
     for name, fn in (("edmlab.root", repo_root), ("edmlab.run_stamp", run_stamp),
                      ("edmlab.steps", steps_for_kimg), ("edmlab.job_name", _job_name),
                      ("edmlab.output_subdir", _output_subdir),
-                     ("edmlab.basename", lambda path: Path(str(path)).name)):
+                     ("edmlab.basename", lambda path: Path(str(path)).name),
+                     # configs/hydra/launcher/
+                     ("edmlab.slurm_tasks", slurm_tasks_per_node), ("edmlab.slurm_gpus", slurm_gpus_per_node),
+                     ("edmlab.local_gpu_count", local_gpu_count)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
-    for name, attr in _CLUSTER_RESOLVERS:  # configs/hydra/launcher/
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, _from_cluster(attr))
 
-
-_CLUSTER_RESOLVERS = (("edmlab.slurm_tasks", "slurm_tasks_per_node"), ("edmlab.slurm_gpus", "slurm_gpus_per_node"),
-                      ("edmlab.local_gpu_count", "local_gpu_count"))
-
-
-def _from_cluster(attr: str):
-    """edmlab.cluster.<attr>, imported when a launcher config is resolved: importing it loads Lightning,
-    which sampling and `--help` never need."""
-    def resolve(*args):
-        from edmlab import cluster
-
-        return getattr(cluster, attr)(*args)
-
-    return resolve
