@@ -20,7 +20,6 @@ import copy
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_report import ADM_CPU, NFE, RESULTS, write_report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-NFE = 35  # EDM's CIFAR-10 sampler: 18 Heun steps
 
 # name -> (overrides, image shape, label_dim, batch on CPU, batch on GPU); CPU rows use tiny batches
 MODELS = {
@@ -41,7 +41,6 @@ MODELS = {
     "cifar_edm DDPM++ (55.7M)": (["experiment=cifar_edm"], (3, 32, 32), 10, 2, 64),
     "ADM 64x64": (["experiment=cifar_edm", "network=adm", "model.augment_pipe=null"], (3, 64, 64), 1000, 2, 64),
 }
-ADM_CPU = ["network.model_channels=32"]  # a narrow ADM on CPU (the full 296M one needs minutes per step here)
 
 
 # ------------------------------------------------------------------------------------------ plumbing
@@ -325,61 +324,6 @@ def end_of_run(device: torch.device) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- report
-def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | None, end: dict | None,
-                 seconds: float) -> Path:
-    lines = ["# Training and sampling speed", "",
-             f"`python benchmarks/speed.py{' --device cuda' if device.type == 'cuda' else ''}` on {_machine(device)}; "
-             f"{seconds:.0f} s in all, torch {torch.__version__}; load average at the end "
-             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine: rows measured once, such as the "
-             "big networks' sampling, carry its noise; the lockstep ratios do not).", ""]
-    if device.type == "cpu":
-        lines += ["**GPU rows: unmeasured.** No GPU was lent to this run; `python benchmarks/speed.py --device cuda` "
-                  "measures them (the recipe's per-GPU batches). Every GPU-only switch is covered by a CPU test of "
-                  "what it computes (tests/test_fast_path.py). On CPU the batches are tiny, the ADM is narrowed "
-                  f"({ADM_CPU[0]}) and bf16 autocast is emulated, so (c) is no forecast of a GPU.", ""]
-    lines += ["## Training (median step, in lockstep)", "",
-              "(a) plain PyTorch loop in NVlabs/edm's shape (fp32, parameter-loop EMA); (b) edmlab as `train.py` "
-              "runs it by default (EDMModule + Lightning + checkpoint/sample-grid/progress callbacks + CSV logger); "
-              "(c) (b) with `trainer=gpu_fast`'s switches.", "",
-              "| model | params | batch | (a) plain img/s | (b) edmlab img/s | (c) fast img/s | (b)/(a) step time "
-              "| (c) speed / (a) | peak MiB (a / b / c) |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, r in train.items():
-        a, b, c = r["plain"], r["edmlab"], r["fast"]
-        peak = "process peak RSS" if device.type == "cpu" else "max allocated"  # RSS: with what earlier runs left
-        lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['batch']} | {a['img_s']:.3g} | {b['img_s']:.3g} | "
-                     f"{c['img_s']:.3g} | **{b['vs_plain']:.3f}** | {1 / c['vs_plain']:.2f}x | "
-                     f"{a['peak_mib']:.0f} / {b['peak_mib']:.0f} / {c['peak_mib']:.0f} ({peak}) |")
-    lines += ["", "Ratios are medians over step pairs: (b) and (c) each ran in lockstep with a plain loop of their "
-              "own (one plain step after every Lightning step, in the same process), so both steps of a pair "
-              "saw the same machine load; the img/s columns are medians over all steps of a way, so their ratios "
-              "move with the load. Pairs measured per model (after warm-up): "
-              f"{', '.join(str(r['edmlab']['steps']) for r in train.values())}. Peak memory: each way alone "
-              "for 2 steps.", "",
-              f"## Sampling ({NFE} NFE, Heun)", "",
-              f"| model | batch | edmlab.generation img/s | {NFE} x forward img/s | sampler overhead |",
-              "|---|---|---|---|---|"]
-    for name, r in sample.items():
-        lines.append(f"| {name} | {r['batch']} | {r['gen_img_s']:.3g} | {r['net_img_s']:.3g} | "
-                     f"{100 * r['overhead']:.1f}% |")
-    if e2e is not None:
-        net_s = e2e["net_s"]
-        lines += ["", f"`python sample.py` for 64 digits images, end to end (fresh process, median of 2): "
-                  f"{e2e['wall_s']:.2f} s = {e2e['wall_s'] / net_s:.1f}x its network time ({net_s:.2f} s)."]
-    if end is not None:
-        lines += ["", "## After the last step (digits demo)", "",
-                  f"`final_losses` ({end['spec']}): {end['losses_s']:.1f} s ({end['losses_1_s']:.1f} s with "
-                  "`final_losses.repeats=1`, none with `final_losses=null`); `callbacks.sample_grid`'s end-of-run "
-                  f"grid ({end['grid']}, {NFE} NFE): {end['grid_s']:.1f} s (none with "
-                  "`callbacks.sample_grid.at_train_end=false`)."]
-    path = RESULTS / "speed.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main() -> None:

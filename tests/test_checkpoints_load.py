@@ -18,6 +18,7 @@ from edmlab.checkpoints import (
     Loaded,
     content_hash,
     load_any,
+    load_denoiser,
     load_training_checkpoint,
     resolve,
     save_denoiser,
@@ -181,3 +182,41 @@ def test_metadata_without_format_and_version_is_an_older_edmlab_file(tmp_path):
     assert same_weights(load_any(path).denoiser, ema)
     older = write_training_checkpoint(tmp_path / "older.ckpt", version=0)[0]  # older versions are read too
     assert load_training_checkpoint(older)["edmlab"]["version"] == 0
+
+
+def test_files_that_store_the_precond_row_under_kind_still_load(tmp_path):
+    """Exports, last.ckpt metadata and post-hoc EMA snapshots written with precond {"kind": ...} read as `name`."""
+    from types import SimpleNamespace
+
+    from edmlab.checkpoints.weights import precond_kwargs
+    from edmlab.training.phema import list_snapshots, reconstruct_denoiser
+    from edmlab.training.resume import check_compatible
+
+    net = build("mlp", img_resolution=1, img_channels=2, hidden_channels=8, num_blocks=1, emb_channels=8)
+    D = Denoiser(net, name="vp", beta_d=10.0).eval()
+    old = {"kind": "vp", "sigma_data": 0.5, "beta_d": 10.0}
+    assert precond_kwargs({"precond": old}) == {"name": "vp", "sigma_data": 0.5, "beta_d": 10.0}
+    x, sigma = torch.randn(4, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0.01, 0.3, 2.0, 40.0])
+
+    export = torch.load(save_denoiser(D, tmp_path / "old.pt"), weights_only=True)
+    assert export["precond"] == {"name": "vp", "sigma_data": 0.5, "beta_d": 10.0}
+    torch.save({**export, "precond": old}, tmp_path / "old.pt")
+    state = {k: v.detach().clone() for k, v in D.state_dict().items()}
+    meta = {"network": dict(net.build_config), "precond": old, "data_shape": [2]}
+    torch.save({"edmlab": meta, "state_dict": {f"ema.module.{k}": v for k, v in state.items()},
+                "pytorch-lightning_version": "2.6"}, tmp_path / "last.ckpt")
+    torch.save({"format": "edmlab-phema", "version": 1, "nimg": 1000, "sigma_rels": [0.05], "state_dicts": [state],
+                "network": dict(net.build_config), "precond": old, "config": None}, tmp_path / "phema-000001.pt")
+    loaded = [load_denoiser(tmp_path / "old.pt"), load_any(tmp_path / "last.ckpt").denoiser,
+              reconstruct_denoiser(list_snapshots(tmp_path), 0.05)[0]]
+    with torch.no_grad():
+        for other in loaded:
+            assert (other.precond.name, other.precond_params) == ("vp", {"sigma_data": 0.5, "beta_d": 10.0})
+            assert torch.equal(other(x, sigma), D(x, sigma))
+
+    own = SimpleNamespace(state_dict=dict)  # check_compatible reads the module's metadata and tensors
+    own.edmlab_metadata = lambda: {"network": {}, "precond": {"name": "vp", "sigma_data": 0.5, "beta_d": 10.0}}
+    check_compatible({"edmlab": meta}, own)  # the same row: resumable
+    own.edmlab_metadata = lambda: {"network": {}, "precond": {"name": "ve", "sigma_data": 0.5, "beta_d": 10.0}}
+    with pytest.raises(IncompatibleCheckpoint, match=r"precond\.name: checkpoint 'vp' vs this run 've'"):
+        check_compatible({"edmlab": meta}, own)

@@ -1,4 +1,4 @@
-"""edmlab.data: CIFAR-10 tarball, image folders/zips, digits, toy 2-D, EDM augmentation, datamodules."""
+"""edmlab.data: CIFAR-10 tarball, image folders/zips, digits, toy 2-D."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import tarfile
 import time
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import PIL.Image
 import pytest
@@ -23,19 +21,12 @@ import torch
 
 from edmlab.checkpoints.safe_pickle import SNAPSHOT_GLOBALS, AllowlistUnpickler
 from edmlab.data import (
-    ArrayImageDataset,
-    AugmentPipe,
     CIFAR10Dataset,
     DigitsDataset,
-    ImageDataModule,
     ImageFolderDataset,
     Toy2DDataset,
-    VectorDataModule,
     open_images,
-    per_device_batch,
-    split_batch,
 )
-from edmlab.data.augment import affine_resample, rotate2d, translate2d
 from edmlab.data.cifar10 import BATCH_GLOBALS
 
 # --------------------------------------------------------------------------------------------------------
@@ -277,201 +268,6 @@ def test_toy2d_mixture_law():
     means = np.stack([ds.points[ds.raw_labels == k].mean(0) for k in range(3)])
     assert np.abs(means - ds.mixture().means.numpy()).max() < 0.01
     assert np.array_equal(Toy2DDataset("gmm", n=50, seed=3).points, Toy2DDataset("gmm", n=50, seed=3).points)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Augmentation
-
-
-def test_augment_p0_is_identity():
-    x = torch.rand(16, 3, 8, 8) * 2 - 1
-    y, labels = AugmentPipe(p=0)(x)
-    assert torch.equal(y, x) and torch.equal(labels, torch.zeros(16, 9))
-    assert AugmentPipe().augment_dim == 9
-
-
-def test_augment_xflip_fires_half_the_time_and_labels_it():
-    x = torch.rand(4000, 1, 4, 4)
-    pipe = AugmentPipe(p=0.12, yflip=0, scale=0, rotate_frac=0, aniso=0, translate_frac=0)
-    y, labels = pipe(x, generator=torch.Generator().manual_seed(0))
-    flipped = labels[:, 0] == 1
-    assert labels.shape == (4000, 1) and abs(flipped.float().mean() - 0.5) < 4 * math.sqrt(0.25 / 4000)
-    assert torch.equal(y[flipped], x[flipped].flip(3)) and torch.equal(y[~flipped], x[~flipped])
-
-
-def test_augment_label_layout():
-    """9-d layout [xflip, yflip, scale, cos-1, sin, aniso w cos r, w sin r, tx, ty] on the default pipe."""
-    x = torch.rand(3000, 2, 8, 8)
-    y, labels = AugmentPipe(p=0.12)(x, generator=torch.Generator().manual_seed(1))
-    geometric = (labels[:, 2:] != 0).any(1)
-    pure_x = (labels[:, 0] == 1) & (labels[:, 1] == 0) & ~geometric
-    none = (labels == 0).all(1)
-    assert pure_x.sum() > 100 and none.sum() > 100
-    assert torch.equal(y[pure_x], x[pure_x].flip(3)) and torch.equal(y[none], x[none])
-    rot = labels[:, 3:5]  # (cos w - 1, sin w) lies on the unit circle shifted by (-1, 0)
-    assert torch.allclose((rot[:, 0] + 1) ** 2 + rot[:, 1] ** 2, torch.ones(3000), atol=1e-5)
-    # each geometric transform fires with p = 0.12
-    for cols in ([2], [3, 4], [5, 6], [7, 8]):
-        rate = (labels[:, cols] != 0).any(1).float().mean()
-        assert abs(rate - 0.12) < 4 * math.sqrt(0.12 * 0.88 / 3000), (cols, rate)
-
-
-def _blob(centre: tuple[float, float], size: int = 32) -> torch.Tensor:
-    yy, xx = torch.meshgrid(torch.arange(size.__float__()), torch.arange(size.__float__()), indexing="ij")
-    c = (size - 1) / 2
-    return torch.exp(-((xx - c - centre[0]) ** 2 + (yy - c - centre[1]) ** 2) / (2 * 1.5**2))[None, None]
-
-
-def _centroid(img: torch.Tensor, radius: float = 11) -> torch.Tensor:
-    """Centre of mass within `radius` of the centre (beyond it reflect padding shows mirrored blobs)."""
-    c = torch.arange(float(img.shape[-1])) - (img.shape[-1] - 1) / 2
-    yy, xx = torch.meshgrid(c, c, indexing="ij")
-    w = img[0, 0] * (xx**2 + yy**2 < radius**2)
-    return torch.stack([(w * xx).sum(), (w * yy).sum()]) / w.sum()
-
-
-def test_augment_translation_and_rotation_match_their_labels():
-    g = torch.Generator().manual_seed(2)
-    shift = AugmentPipe(p=1, xflip=0, yflip=0, scale=0, rotate_frac=0, aniso=0, translate_frac=1)
-    rotate = AugmentPipe(p=1, xflip=0, yflip=0, scale=0, rotate_frac=1, aniso=0, translate_frac=0)
-    for _ in range(5):
-        x = _blob((0, 0)).expand(1, 1, 32, 32)
-        y, labels = shift(x, generator=g)
-        t = labels[0] * 32 * 0.125  # content moves by +t pixels
-        if t.abs().max() < 5:
-            assert torch.allclose(_centroid(y), t, atol=0.02)
-        y, labels = rotate(_blob((6, 0)), generator=g)
-        w = torch.atan2(labels[0, 1], labels[0, 0] + 1)  # content turns by -w (G_inv = R(w))
-        assert torch.allclose(_centroid(y), 6 * torch.stack([w.cos(), -w.sin()]), atol=0.02)
-
-
-def test_affine_resample_identity_and_integer_shift_are_exact():
-    x = torch.randn(2, 3, 16, 16)
-    assert torch.allclose(affine_resample(x, torch.eye(3).expand(2, 3, 3)), x, atol=1e-5)
-    y = affine_resample(x, translate2d(torch.full((2,), -2.0), torch.zeros(2)))
-    assert torch.allclose(y[..., 2:], x[..., :-2], atol=1e-5)
-    assert torch.allclose(y[..., :2], x[..., [2, 1]], atol=1e-5)  # reflect padding at the border
-    u = torch.linspace(-1, 1, 32)
-    smooth = (torch.sin(2 * u) * torch.cos(1.5 * u[:, None]) + u / 2).expand(1, 1, 32, 32)
-    y = affine_resample(smooth, rotate2d(torch.tensor([math.pi / 2])))
-    err = (y - smooth.rot90(1, (2, 3))).abs()[0, 0]  # not exact: sym6 is only near-symmetric
-    assert err.max() < 0.01 and err[4:-4, 4:-4].max() < 1e-3
-
-
-# --------------------------------------------------------------------------------------------------------
-# DataModules
-
-
-class _Indexed(torch.utils.data.Dataset):
-    """Item i is the vector [i]: batches reveal the data order."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        return torch.tensor([float(i)]), torch.zeros(0)
-
-
-def _fake_trainer(world_size=1, accumulate=1, rank=0, step=0):
-    return SimpleNamespace(world_size=world_size, accumulate_grad_batches=accumulate, global_rank=rank,
-                           global_step=step)
-
-
-def _take(dm, n: int) -> list[list[int]]:
-    it = iter(dm.train_dataloader())
-    return [next(it)[0][:, 0].long().tolist() for _ in range(n)]
-
-
-def test_per_device_batch_derivation():
-    dm = VectorDataModule(_Indexed(10), batch_size=512)
-    dm.trainer = _fake_trainer(world_size=4, accumulate=2)
-    dm.setup("fit")
-    assert dm.batch_size_per_device == 64 and len(_take(dm, 1)[0]) == 64
-    dm = VectorDataModule(_Indexed(10), batch_size=500)
-    dm.trainer = _fake_trainer(world_size=8)
-    with pytest.raises(ValueError, match="batch_size 500 is not divisible by world_size 8"):
-        dm.setup("fit")
-    assert split_batch(512, 8, max_per_device=32) == (32, 2) and per_device_batch(512, 2, 4) == 64
-
-
-def test_ranks_shard_one_global_order():
-    n = 12
-    single = VectorDataModule(_Indexed(n), batch_size=4, seed=5)
-    ref = sum(_take(single, 6), [])  # 24 positions = two passes
-    assert sorted(ref[:n]) == list(range(n)) and sorted(ref[n:]) == list(range(n)) and ref[:n] != ref[n:]
-    shards = []
-    for rank in range(2):
-        dm = VectorDataModule(_Indexed(n), batch_size=4, seed=5)
-        dm.trainer = _fake_trainer(world_size=2, rank=rank)
-        shards.append(sum(_take(dm, 6), []))
-    assert [shards[g % 2][g // 2] for g in range(24)] == ref  # rank r holds global positions p W + r
-
-
-def test_workers_keep_the_order():
-    base = VectorDataModule(_Indexed(50), batch_size=5, seed=1)
-    workers = VectorDataModule(_Indexed(50), batch_size=5, seed=1, num_workers=2)
-    assert _take(workers, 7) == _take(base, 7)
-
-
-def test_state_dict_restores_position():
-    dm = VectorDataModule(_Indexed(30), batch_size=8, seed=2)
-    dm.trainer = _fake_trainer(accumulate=2)
-    expected = _take(dm, 10)[6:]  # 3 optimizer steps x 2 micro-batches consumed
-    dm.trainer.global_step = 3
-    state = dm.state_dict()
-    assert state["images"] == 24
-    resumed = VectorDataModule(_Indexed(30), batch_size=8, seed=2)
-    resumed.trainer = _fake_trainer(accumulate=2, step=3)
-    resumed.load_state_dict(state)
-    assert _take(resumed, 4) == expected
-
-
-def test_image_batches_are_scaled_with_onehot_labels():
-    images = np.arange(2 * 1 * 2 * 2, dtype=np.uint8).reshape(2, 1, 2, 2) * 17
-    dm = ImageDataModule(ArrayImageDataset(images, np.array([0, 2])), batch_size=4, xflip=True)
-    x, labels = next(iter(dm.train_dataloader()))
-    assert x.dtype == torch.float32 and dm.img_resolution == 2 and dm.img_channels == 1 and dm.label_dim == 3
-    expected = {tuple((torch.from_numpy(im).float() / 127.5 - 1).flatten().tolist()) for im in images}
-    expected |= {tuple((torch.from_numpy(im).flip(-1).float() / 127.5 - 1).flatten().tolist()) for im in images}
-    assert {tuple(v.flatten().tolist()) for v in x} == expected  # one pass over the xflip-doubled data
-    assert labels.shape == (4, 3) and labels.sum(1).tolist() == [1] * 4
-    dm = ImageDataModule(ArrayImageDataset(images, np.array([0, 2])), batch_size=2, use_labels=False)
-    assert next(iter(dm.train_dataloader()))[1] is None and dm.label_dim == 0
-
-
-class _Recorder(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list[list[int]] = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(batch[0][:, 0].long().tolist())
-        return ((batch[0] - self.w) ** 2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-def _fit(max_steps: int, ckpt_path=None, save=None) -> list[list[int]]:
-    model, dm = _Recorder(), VectorDataModule(_Indexed(37), batch_size=6, seed=4)
-    trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=2, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, dm, ckpt_path=ckpt_path)
-    if save:
-        trainer.save_checkpoint(save)
-    return model.seen
-
-
-def test_lightning_resume_sees_the_same_batches(tmp_path):
-    full = _fit(5)
-    first = _fit(2, save=tmp_path / "a.ckpt")
-    assert torch.load(tmp_path / "a.ckpt", weights_only=True)["VectorDataModule"]["images"] == 12
-    second = _fit(5, ckpt_path=tmp_path / "a.ckpt")
-    assert len(full) == 10 and first + second == full
 
 
 def test_damaged_images_are_named_checked_up_front_or_skipped(tmp_path):
