@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from edmlab import process as processes
+from edmlab.generation.seeds import SeedGenerator
 from edmlab.process import NoiseProcess
 
 __all__ = ["log_likelihood", "bits_per_dim", "dequantize", "hutchinson_probes", "image_bits_per_dim", "DIVERGENCES"]
@@ -146,8 +147,8 @@ def image_bits_per_dim(denoiser: Callable, pixels: torch.Tensor, labels: torch.T
                        progress: Callable[[int], None] | None = None, **ode) -> dict[str, torch.Tensor]:
     """Per image: dequantized log-likelihood (nats) and bits/dim of 8-bit `pixels` [N, C, H, W].
 
-    Image i draws its dequantization noise and then its Hutchinson probe from torch.Generator(seeds[i])
-    (default seed i), so its value does not depend on the batch. `ode` goes to `log_likelihood`;
+    Image i draws its dequantization noise and then its Hutchinson probe from its own generator (`SeedGenerator`,
+    seeds[i], default i), so its value does not depend on the batch. `ode` goes to `log_likelihood`;
     `progress(n)` is called after each batch of n images.
     """
     seeds = list(range(len(pixels))) if seeds is None else [int(s) for s in seeds]
@@ -157,7 +158,7 @@ def image_bits_per_dim(denoiser: Callable, pixels: torch.Tensor, labels: torch.T
     device = params[0].device if params else pixels.device
     log_p = []
     for lo in range(0, len(pixels), batch_size):
-        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[lo:lo + batch_size]]
+        gens = SeedGenerator(seeds[lo:lo + batch_size], device).generators
         x = dequantize(pixels[lo:lo + batch_size].to(device), gens)
         y = None if labels is None else labels[lo:lo + batch_size].to(device)
         log_p.append(log_likelihood(denoiser, x, class_labels=y, generator=gens, **ode).cpu())
