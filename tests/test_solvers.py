@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_sampling import Counted  # the call-counting denoiser wrapper
 
 from edmlab import analytic
 from edmlab.sampling import SOLVERS, ays_steps, register, sample, sigma_steps
@@ -12,20 +13,6 @@ from edmlab.sampling import SOLVERS, ays_steps, register, sample, sigma_steps
 C = 0.5
 GAUSS = analytic.Gaussian(C, 3)
 LATENTS = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-
-class Counted:
-    """A denoiser that counts its calls; everything else is the wrapped one's."""
-
-    def __init__(self, denoiser):
-        self.denoiser, self.calls = denoiser, 0
-
-    def __getattr__(self, name):
-        return getattr(self.denoiser, name)
-
-    def __call__(self, x, sigma, class_labels=None):
-        self.calls += 1
-        return self.denoiser(x, sigma, class_labels=class_labels)
 
 
 def exact_end(sigmas):
