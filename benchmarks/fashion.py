@@ -36,6 +36,11 @@ from fashion_eval import classify, fid_of, make_sampler, sample_uint8, test_stat
 RESULTS = ROOT / "benchmarks" / "results"
 HEUN_STEPS = (3, 6, 18)           # NFE 2n - 1: 5, 11, 35
 DPM_STEPS = (5, 12, 35)           # NFE n
+# --few-step: 10-NFE methods (11 levels, the analytic first step saves one call), steps from the model's own pilots
+FEW_STEP = {
+    "ipndm + AFS / gits": dict(solver="ipndm", num_steps=11, discretization="optimized", fit=False),
+    "unipc-3 + AFS / fitted": dict(solver="unipc", order=3, num_steps=11, discretization="optimized"),
+}
 
 
 def nfe(solver: str, steps: int) -> int:
@@ -82,6 +87,7 @@ def main() -> None:
     p.add_argument("--classifier-images", type=int, default=10_000, help="real training images for the CNN")
     p.add_argument("--heun-steps", type=int, nargs="+", default=list(HEUN_STEPS), help="Heun steps (NFE 2n-1)")
     p.add_argument("--dpm-steps", type=int, nargs="+", default=list(DPM_STEPS), help="DPM-Solver++(2M) steps")
+    p.add_argument("--few-step", action="store_true", help=f"also the 10-NFE methods {', '.join(FEW_STEP)}")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("train_overrides", nargs="*", help="extra train.py overrides, e.g. trainer=gpu")
     args = p.parse_args()
@@ -103,6 +109,7 @@ def main() -> None:
     test = IdxDataset("fashion_mnist", split="test")
     real_train = IdxDataset("fashion_mnist", split="train")
     runs = [("heun", n) for n in args.heun_steps] + [("dpmpp_2m", n) for n in args.dpm_steps]
+    few = few_step_overrides(real_train, Path(tempfile.mkdtemp(prefix="fashion_steps_"))) if args.few_step else {}
 
     # throughputs first: they set N
     probe = torch.from_numpy(test.images[:16])
@@ -134,15 +141,16 @@ def main() -> None:
     print(f"classifier on the real test set: {acc_real:.1%}", flush=True)
 
     rows = []
-    for solver, steps in runs:
-        sampler = make_sampler(run_dir, solver=solver, num_steps=steps)[1]
+    for solver, steps in runs + [(label, 10) for label in few]:
+        overrides = few.get(solver, dict(solver=solver, num_steps=steps))
+        sampler = make_sampler(run_dir, **overrides)[1]
         t = time.perf_counter()
         images, labels = sample_uint8(denoiser, sampler, num, device)
         sample_s = time.perf_counter() - t
         fid = fid_of(images, detector, ref, None, device)
         acc = classify(cnn, images, labels, device)
-        rows.append(dict(solver=solver, steps=steps, nfe=nfe(solver, steps), fid=fid, accuracy=acc,
-                         sample_ips=num / sample_s))
+        rows.append(dict(solver=solver, steps=overrides["num_steps"], nfe=nfe(solver, steps), fid=fid,
+                         accuracy=acc, sample_ips=num / sample_s))
         print(json.dumps(rows[-1]), flush=True)
         if solver == "heun" and steps == max(args.heun_steps):
             grid_images, grid_labels = images, labels
@@ -155,6 +163,14 @@ def main() -> None:
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                         f"({device.type})", run_dir=str(run_dir), sampler=sampler_cfg)
     print(f"report: {write_report(rows, meta, grid_images, grid_labels, run_dir, args.out)}")
+
+
+def few_step_overrides(real_train, cache_dir: Path) -> dict[str, dict]:
+    """FEW_STEP's sampler settings: the analytic first step from the training images' mean, cached fitted steps."""
+    mean = (torch.from_numpy(real_train.images).double() / 127.5 - 1).mean(0)
+    common = dict(analytic_first_step=True, data_mean=mean.tolist(), pilots=32, search_seed=7)
+    return {label: {**common, **opts, "steps_cache": str(cache_dir / f"steps{i}.json")}
+            for i, (label, opts) in enumerate(FEW_STEP.items())}
 
 
 def denoiser_shape(denoiser) -> tuple[int, ...]:

@@ -35,6 +35,9 @@ def _plot(rows: list[dict], floor: float, path: Path, num: int) -> None:
     for solver, label in (("heun", "Heun (EDM)"), ("dpmpp_2m", "DPM-Solver++(2M)")):
         pts = [(r["nfe"], r["fid"]) for r in rows if r["solver"] == solver]
         ax.plot(*zip(*pts, strict=True), "o-", label=label)
+    for r in rows:
+        if r["solver"] not in ("heun", "dpmpp_2m"):  # the few-step methods: one point each
+            ax.plot(r["nfe"], r["fid"], "*", markersize=10, label=r["solver"])
     ax.axhline(floor, color="gray", ls="--", label=f"floor: train vs test ({num} images)")
     ax.set_xlabel("network evaluations (NFE)")
     ax.set_ylabel(f"FID ({num} samples vs test)")
