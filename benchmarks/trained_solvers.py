@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = quality(denoiser, mean, 5 if args.fast else args.per_class, Path(tmp) / "steps.json",
                        8 if args.fast else args.pilots)
     rng = np.random.default_rng(0).permutation(len(x_real))
-    setup = {"run": "trained by this script" if args.run_dir is None else f"run folder `{run_dir.name}`", "dtype": "float64" if args.float64 else "float32",
+    setup = {"run": "trained by this script" if args.run_dir is None else f"run folder `{run_dir.name}`",
+             "dtype": "float64" if args.float64 else "float32",
              "seconds": time.perf_counter() - start,
              "quality_n": (5 if args.fast else args.per_class) * denoiser.label_dim,
              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
