@@ -149,6 +149,8 @@ def heldout_bpd(run_dir: Path, max_images: int, num_steps: int) -> dict | None:
 
 def write_report(table: dict, bpd: dict | None, note: str, interval, wall: float, out: Path,
                  name: str = "guidance") -> Path:
+    guide = (f"`{Path(table['guide']).name}` (an early EMA snapshot of the same run)." if table["guide"] else
+             "none (the run kept no EMA snapshots: `callbacks.checkpoint.snapshot_every_kimg`).")
     lines = ["# Guidance and likelihood", "", f"Run: {note}",
              f"Machine: {platform.machine()}, torch {torch.__version__} (CPU, {torch.get_num_threads()} thread(s)); "
              "whole benchmark "
@@ -159,7 +161,7 @@ def write_report(table: dict, bpd: dict | None, note: str, interval, wall: float
              "distance of Gaussian fits in pixel space ([-1, 1]) to all real images; "
              f"{table['n']} random real images score **{table['fd_floor']:.3f}** (the floor at this sample size). "
              f"Interval: w applies for sigma in ({interval[0]}, {interval[1]}], 1 elsewhere. Autoguidance's guide: "
-             f"`{Path(table['guide']).name if table['guide'] else 'none'}` (an early EMA snapshot of the same run).",
+             f"{guide}",
              "", "| guidance | w | class accuracy | pixel FD | network forwards / batch | seconds |",
              "|---|---|---|---|---|---|"]
     for r in table["rows"]:
@@ -172,11 +174,11 @@ def write_report(table: dict, bpd: dict | None, note: str, interval, wall: float
         lines += [f"## Bits/dim on held-out images ({bpd['what']})", "",
                   f"Uniform dequantization (per-image seed), PF-ODE log-likelihood at sigma_min = 0.002 with "
                   f"Hutchinson's trace (one Rademacher probe per image), {bpd['num_steps']} RK4 steps in ln sigma "
-                  "(32 and 64 steps differ by < 0.001 bits/dim on this model).", "",
+                  "(on the digits demo 32 and 64 steps differ by < 0.001 bits/dim).", "",
                   "| model | bits/dim | standard error | seconds |", "|---|---|---|---|"]
-        for name in ("conditional", "unconditional"):
-            b = bpd[name]
-            what = "log p(x \\| class)" if name == "conditional" else "log p(x) (the label-dropout branch)"
+        for branch in ("conditional", "unconditional"):
+            b = bpd[branch]
+            what = "log p(x \\| class)" if branch == "conditional" else "log p(x) (the label-dropout branch)"
             lines.append(f"| {what} | **{b['bpd']:.3f}** | {b['se']:.3f} | {b['seconds']:.0f} |")
         lines += [""]
     lines += ["Reproduce: `OMP_NUM_THREADS=1 python benchmarks/guidance.py` (trains the run first, then "
