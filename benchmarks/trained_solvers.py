@@ -125,7 +125,7 @@ def markdown(errors: dict, rows: list[dict], setup: dict) -> str:
              f"({h_rms:.3e}, {h_nfe} NFE). Methods and step schedules as in solvers.md; the schedules fitted to the "
              f"model (gits: dynamic programming on {errors['pilots']} pilot trajectories from another seed; fitted: "
              "gits refined on the solver's own end-point error) for the two few-step methods at 6-10 NFE. AFS: the "
-             "first network call replaced by the data mean.", "",
+             "first network call replaced by the data mean. Heun's budget N is 2*ceil(N/2) - 1 NFE (NFE 6 uses 5).", "",
              "| solver | grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---:|" * len(nfes)]
     best = (math.inf, "")
     for (label, grid), cells in errors["rows"].items():
