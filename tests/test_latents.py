@@ -12,12 +12,13 @@ from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 
+from edmlab.checkpoints import load_any  # noqa: E402
 from edmlab.data.latents import LatentDataModule, LatentDataset  # noqa: E402
 from edmlab.encoders import (  # noqa: E402
     IdentityEncoder,
     StabilityVAEEncoder,
     edm2_encoder_config,
-    encoder_config_of_checkpoint,
+    encoder_config,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +124,7 @@ def test_latent_training_and_decoding_sampler(tmp_path, image_folder, vae_dir):
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "last_ema.pt"
     assert list(ckpt.parent.glob("phema-*.pt"))  # post-hoc EMA profiles go with every checkpoint
-    assert encoder_config_of_checkpoint(ckpt)["vae_name"] == str(vae_dir)
+    assert encoder_config(load_any(ckpt))["vae_name"] == str(vae_dir)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         scfg = compose("sample", overrides=[f"ckpt={ckpt}", "seeds=0-1", f"outdir={tmp_path / 'out'}",
                                             "num_steps=2", "device=cpu", "progress=false"])

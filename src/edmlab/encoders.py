@@ -10,15 +10,17 @@ the VAE sees pixels in [0, 1] as in NVlabs/edm2, which is what EDM2's raw_mean/r
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-__all__ = ["Encoder", "IdentityEncoder", "StabilityVAEEncoder", "load_vae", "encoder_config_of_checkpoint"]
+if TYPE_CHECKING:  # encoders are imported by data/; the checkpoints package only where a file is read
+    from edmlab.checkpoints import Loaded
+
+__all__ = ["Encoder", "IdentityEncoder", "StabilityVAEEncoder", "load_vae", "encoder_config"]
 
 
 class Encoder:
@@ -126,19 +128,11 @@ class StabilityVAEEncoder(Encoder):
         return pixels.clamp(0, 1) * 2 - 1
 
 
-def encoder_config_of_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The `encoder` config a checkpoint was trained with (None: pixels), for decoding its samples."""
-    import zipfile
-
-    from edmlab.checkpoints import CHECKPOINT_KEY, resolve
-
-    path = resolve(path)
-    if not zipfile.is_zipfile(path):  # an official snapshot: NVlabs/edm2 records its encoder
-        from edmlab.checkpoints import read_edm_snapshot
-
-        return edm2_encoder_config(read_edm_snapshot(path).encoder)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    config = (ckpt.get(CHECKPOINT_KEY) or {}).get("config") if CHECKPOINT_KEY in ckpt else ckpt.get("config")
+def encoder_config(loaded: Loaded) -> dict[str, Any] | None:
+    """The `encoder` config a loaded checkpoint was trained with (None: pixels), read from its metadata."""
+    if loaded.kind in ("edm-pickle", "edm2-pickle"):  # an official snapshot: NVlabs/edm2 records its encoder
+        return edm2_encoder_config(loaded.meta.get("encoder"))
+    config = loaded.meta.get("config")
     if isinstance(config, dict) and "train_config" in config:
         config = config["train_config"]  # a post-hoc EMA reconstruction keeps the training config inside
     if isinstance(config, dict) and isinstance(config.get("edm_snapshot"), dict):  # convert_edm_checkpoint.py

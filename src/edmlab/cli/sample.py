@@ -77,7 +77,7 @@ def _sampler_config(cfg: DictConfig, ckpt: Path) -> DictConfig:
     return sampler
 
 
-def _decoding(sampler, cfg: DictConfig, ckpt: Path):
+def _decoding(sampler, cfg: DictConfig, loaded: Loaded):
     """decode=auto: samples of a latent model (encoder other than identity in its config) go through its decoder."""
     decode = str(cfg.get("decode", "auto"))
     if decode not in ("auto", "none"):
@@ -86,9 +86,9 @@ def _decoding(sampler, cfg: DictConfig, ckpt: Path):
         return sampler
     from hydra.utils import instantiate
 
-    from edmlab.encoders import IdentityEncoder, encoder_config_of_checkpoint
+    from edmlab.encoders import IdentityEncoder, encoder_config
 
-    encoder_cfg = encoder_config_of_checkpoint(ckpt)
+    encoder_cfg = encoder_config(loaded)  # from the metadata already read: no second read of the file
     encoder = instantiate(encoder_cfg) if encoder_cfg else None
     if encoder is None or isinstance(encoder, IdentityEncoder):
         return sampler
@@ -115,7 +115,7 @@ def run(cfg: DictConfig) -> GenerateResult:
     denoiser = guided(loaded.denoiser, float(cfg.get("guidance", 1.0)), guide=guide.denoiser if guide else None,
                       interval=interval)
     sampler_cfg = _sampler_config(cfg, loaded.path)
-    sampler = _decoding(instantiate(sampler_cfg), cfg, loaded.path)
+    sampler = _decoding(instantiate(sampler_cfg), cfg, loaded)
     shape = list(cfg.shape) if cfg.get("shape") is not None else None
     class_labels: Any = cfg.class_labels
     # What fixes the pixels: a resumed run must agree (batch size, ranks and format do not change them).
