@@ -87,7 +87,10 @@ def main() -> None:
     p.add_argument("--classifier-images", type=int, default=10_000, help="real training images for the CNN")
     p.add_argument("--heun-steps", type=int, nargs="+", default=list(HEUN_STEPS), help="Heun steps (NFE 2n-1)")
     p.add_argument("--dpm-steps", type=int, nargs="+", default=list(DPM_STEPS), help="DPM-Solver++(2M) steps")
-    p.add_argument("--few-step", action="store_true", help=f"also the 10-NFE methods {', '.join(FEW_STEP)}")
+    p.add_argument("--few-step", nargs="*", default=None, metavar="SOLVER",
+                   help=f"also the 10-NFE methods {', '.join(FEW_STEP)} (all, or those of the solvers named)")
+    p.add_argument("--ref-stats", type=Path, default=None,
+                   help="the test set's Inception statistics: read when the file exists, else computed and saved")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("train_overrides", nargs="*", help="extra train.py overrides, e.g. trainer=gpu")
     args = p.parse_args()
@@ -109,7 +112,8 @@ def main() -> None:
     test = IdxDataset("fashion_mnist", split="test")
     real_train = IdxDataset("fashion_mnist", split="train")
     runs = [("heun", n) for n in args.heun_steps] + [("dpmpp_2m", n) for n in args.dpm_steps]
-    few = few_step_overrides(real_train, Path(tempfile.mkdtemp(prefix="fashion_steps_"))) if args.few_step else {}
+    few = {} if args.few_step is None else few_step_overrides(
+        real_train, Path(tempfile.mkdtemp(prefix="fashion_steps_")), args.few_step)
 
     # throughputs first: they set N
     probe = torch.from_numpy(test.images[:16])
@@ -133,7 +137,7 @@ def main() -> None:
     print(f"Inception {inception_ips:.2f} img/s, denoiser {eval_ips:.0f} img/s per evaluation -> N = {num}",
           flush=True)
 
-    ref = test_stats(test, detector, None if args.full else num, device)
+    ref = test_stats(test, detector, None if args.full else num, device, cache=args.ref_stats)
     floor = fid_of(torch.from_numpy(real_train.images), detector, ref, num, device, subset_seed=1)
     print(f"floor: FID(train {num} vs test) = {floor:.2f}", flush=True)
     cnn = train_classifier(real_train, args.classifier_images, device)
@@ -165,12 +169,13 @@ def main() -> None:
     print(f"report: {write_report(rows, meta, grid_images, grid_labels, run_dir, args.out)}")
 
 
-def few_step_overrides(real_train, cache_dir: Path) -> dict[str, dict]:
-    """FEW_STEP's sampler settings: the analytic first step from the training images' mean, cached fitted steps."""
+def few_step_overrides(real_train, cache_dir: Path, solvers: list[str]) -> dict[str, dict]:
+    """FEW_STEP's sampler settings (those of `solvers`, all when empty): the analytic first step from the
+    training images' mean, cached fitted steps."""
     mean = (torch.from_numpy(real_train.images).double() / 127.5 - 1).mean(0)
     common = dict(analytic_first_step=True, data_mean=mean.tolist(), pilots=32, search_seed=7)
     return {label: {**common, **opts, "steps_cache": str(cache_dir / f"steps{i}.json")}
-            for i, (label, opts) in enumerate(FEW_STEP.items())}
+            for i, (label, opts) in enumerate(FEW_STEP.items()) if not solvers or opts["solver"] in solvers}
 
 
 def denoiser_shape(denoiser) -> tuple[int, ...]:

@@ -35,11 +35,17 @@ def sample_uint8(denoiser, sampler, num: int, device, batch: int = 250) -> tuple
     return torch.cat(images), torch.cat(labels)
 
 
-def test_stats(dataset, detector, num: int | None, device):
-    """Inception statistics of the test set: all images (num None) or a seeded subset of num."""
-    from edmlab.metrics import compute_stats
+def test_stats(dataset, detector, num: int | None, device, cache: Path | None = None):
+    """Inception statistics of the test set: all images (num None) or a seeded subset of num; read from /
+    saved to `cache` when given (the file does not record its count: name it by N)."""
+    from edmlab.metrics import compute_stats, load_stats, save_stats
 
-    return compute_stats(dataset, detector, num=num, seed=0, batch_size=50, device=device, progress=False)
+    if cache is not None and Path(cache).is_file():
+        return load_stats(cache)
+    stats = compute_stats(dataset, detector, num=num, seed=0, batch_size=50, device=device, progress=False)
+    if cache is not None:
+        save_stats(cache, stats)
+    return stats
 
 
 def fid_of(images: torch.Tensor, detector, ref, num: int | None, device, subset_seed: int = 0) -> float:
