@@ -28,7 +28,8 @@ def slope(solver, steps=(32, 64, 128, 256), **options):
 
 
 @pytest.mark.parametrize("solver,options,order", [
-    ("dpmpp_2m", {}, 2), ("dpmpp_3m", {}, 3), ("dpmpp_3m", {"kdiffusion": True}, 2),
+    ("dpmpp_2m", {}, 2), ("dpmpp_3m", {}, 3), ("dpmpp_3m", {"lower_order_final": True}, 3),
+    ("dpmpp_3m", {"kdiffusion": True}, 2),
     ("dpmpp_3m_sde", {"eta": 0.0}, 3), ("unipc", {"order": 1}, 2), ("unipc", {"order": 2}, 3),
     ("unipc", {"order": 3, "lower_order_final": False}, 4), ("unipc", {"order": 3}, 3),
     ("unipc", {"order": 2, "variant": "bh1"}, 3),
@@ -236,3 +237,24 @@ def test_stochastic_solvers_recover_the_mixture(solver, options):
     stds = torch.stack([(x[k == j] - gm.means[j]).square().mean().sqrt() for j in range(6)])
     assert (found - gm.weights).abs().max().item() < 0.03
     assert ((stds / 0.1) - 1).abs().max().item() < 0.06, stds
+
+
+def test_dpmpp_3m_lower_order_final_is_second_order_into_sigma_min():
+    """With lower_order_final the step into sigma_min is the exponential integrator with D linear in lambda
+    (x' = e^-h x + phi_1 D + phi_2 h D'); every earlier level equals the plain 3M trajectory."""
+    gm = analytic.GaussianMixture([1.0, 2.0], [[0.5, -0.5, 0.0], [-1.0, 0.2, 0.3]], [0.1, 0.2])
+    runs = {}
+    for lof in (False, True):
+        steps = []
+        sample(gm, LATENTS, solver="dpmpp_3m", num_steps=6, lower_order_final=lof, callback=steps.append)
+        runs[lof] = steps
+    plain, final = runs[False], runs[True]
+    for a, b in zip(plain[:-1], final[:-1], strict=True):  # the last callback is the step from sigma_min to 0
+        torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+    prev, last, end = final[-3], final[-2], final[-1]
+    h, h_1 = (last.sigma / end.sigma).log(), (prev.sigma / last.sigma).log()
+    phi_1 = 1 - torch.exp(-h)
+    phi_2 = 1 - phi_1 / h
+    expected = torch.exp(-h) * last.x + phi_1 * last.denoised + phi_2 * (last.denoised - prev.denoised) * h / h_1
+    torch.testing.assert_close(end.x, expected, rtol=0, atol=1e-12)
+    assert (plain[-1].x - end.x).abs().max() > 1e-6  # the plain 3M step into sigma_min differs
