@@ -4,6 +4,7 @@ the images the run did not train on, with its standard error.
 
     python benchmarks/guidance.py                                  # train the digits demo (held-out split), evaluate
     python benchmarks/guidance.py --run-dir DIR [--guide CKPT]     # any conditional run folder (e.g. Fashion-MNIST)
+    python benchmarks/guidance.py --run-dir DIR --fid-ref REF.npz  # and FID (real Inception) against REF
 
 The classifier (an SVC on flattened pixels) and the Frechet distance use the run's own data config, so a
 Fashion-MNIST run folder works as it is. Budget: ~10 min on 2 CPU cores for the digits defaults.
@@ -65,8 +66,8 @@ def dataset_arrays(datamodule, indices=None) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def draw(denoiser, sampler, label_dim: int, per_class: int, batch: int = 250) -> tuple[np.ndarray, int]:
-    """per_class samples of every class (sample i from seed i, as sample.py draws it), flattened in [-1, 1],
+def draw(denoiser, sampler, label_dim: int, per_class: int, batch: int = 250) -> tuple[torch.Tensor, int]:
+    """per_class samples of every class (sample i from seed i, as sample.py draws it) [N, C, H, W] in [-1, 1],
     and the network forwards."""
     from edmlab.generation import iterate_batches
 
@@ -74,13 +75,31 @@ def draw(denoiser, sampler, label_dim: int, per_class: int, batch: int = 250) ->
     out = [b.images for b in iterate_batches(denoiser, range(len(classes)), sampler, batch_size=batch,
                                              class_labels=classes, device="cpu")]
     nfe = denoiser.nfe if isinstance(denoiser, GuidedDenoiser) else None
-    return torch.cat(out).clamp(-1, 1).reshape(len(classes), -1).double().numpy(), nfe
+    return torch.cat(out).clamp(-1, 1), nfe
 
 
-def guidance_table(run_dir: Path, guide_path: Path | None, weights, interval, per_class: int) -> dict:
+class FID:
+    """FID with the real Inception weights against reference statistics (an .npz of `mu`, `sigma`)."""
+
+    def __init__(self, ref: Path) -> None:
+        from edmlab.metrics import InceptionV3FID, load_stats
+
+        self.detector, self.ref = InceptionV3FID(download_ok=False), load_stats(ref)
+
+    def __call__(self, images: torch.Tensor) -> float:
+        """FID of uint8 images [N, C, H, W]."""
+        from edmlab.metrics import compute_stats, frechet_distance
+
+        stats = compute_stats(images, self.detector, batch_size=50, device="cpu", progress=False)
+        return frechet_distance(stats.mu, stats.sigma, self.ref.mu, self.ref.sigma)
+
+
+def guidance_table(run_dir: Path, guide_path: Path | None, weights, interval, per_class: int,
+                   fid_ref: Path | None = None) -> dict:
     from sklearn.svm import SVC
 
     from edmlab.checkpoints import load_denoiser
+    from edmlab.generation import to_uint8
     denoiser, sampler, datamodule = load_run(run_dir)
     images, labels = dataset_arrays(datamodule)
     real = images.reshape(len(images), -1) / 127.5 - 1
@@ -93,19 +112,25 @@ def guidance_table(run_dir: Path, guide_path: Path | None, weights, interval, pe
     if guide is not None:
         settings += [("autoguidance", w, None, guide) for w in weights if w != 1]
     n = per_class * denoiser.label_dim
-    floor = gaussian_fd(real[np.random.default_rng(1).permutation(len(real))[:n]], real)
+    subset = np.random.default_rng(1).permutation(len(real))[:n]
+    floor = gaussian_fd(real[subset], real)
+    fid = FID(fid_ref) if fid_ref is not None else None
+    fid_floor = fid(torch.from_numpy(images[subset])) if fid else None
     rows = []
     for kind, w, iv, g in settings:
         start = time.perf_counter()
         model = guided(denoiser, w, guide=g, interval=iv)
-        samples, nfe = draw(model, sampler, denoiser.label_dim, per_class)
+        images_w, nfe = draw(model, sampler, denoiser.label_dim, per_class)
+        samples = images_w.reshape(n, -1).double().numpy()
         classes = np.repeat(np.arange(denoiser.label_dim), per_class)
+        seconds = time.perf_counter() - start  # sampling and scoring, without the Inception
         rows.append({"kind": kind, "w": w, "interval": iv, "accuracy": float((svc.predict(samples) == classes).mean()),
-                     "fd": gaussian_fd(samples, real), "seconds": time.perf_counter() - start,
-                     "forwards_per_batch": None if nfe is None else nfe / math.ceil(n / 250)})
+                     "fd": gaussian_fd(samples, real), "fid": fid(to_uint8(images_w)) if fid else None,
+                     "seconds": seconds, "forwards_per_batch": None if nfe is None else nfe / math.ceil(n / 250)})
         print(rows[-1], flush=True)
     return {"rows": rows, "n": n, "fd_floor": floor, "real_accuracy": float((svc.predict(real) == labels).mean()),
-            "guide": str(guide_path) if guide_path else None}
+            "guide": str(guide_path) if guide_path else None, "fid_floor": fid_floor,
+            "fid_ref": str(fid_ref) if fid_ref else None}
 
 
 def heldout_data(run_dir: Path, max_images: int) -> tuple[np.ndarray, np.ndarray, str] | None:
@@ -148,9 +173,11 @@ def heldout_bpd(run_dir: Path, max_images: int, num_steps: int) -> dict | None:
 
 
 def write_report(table: dict, bpd: dict | None, note: str, interval, wall: float, out: Path,
-                 name: str = "guidance") -> Path:
-    guide = (f"`{Path(table['guide']).name}` (an early EMA snapshot of the same run)." if table["guide"] else
+                 name: str = "guidance", guide_note: str | None = None) -> Path:
+    guide = (f"`{Path(table['guide']).name}` ({guide_note or 'an early EMA snapshot of the same run'})."
+             if table["guide"] else
              "none (the run kept no EMA snapshots: `callbacks.checkpoint.snapshot_every_kimg`).")
+    fid = table.get("fid_ref") is not None
     lines = ["# Guidance and likelihood", "", f"Run: {note}",
              f"Machine: {platform.machine()}, torch {torch.__version__} (CPU, {torch.get_num_threads()} thread(s)); "
              "whole benchmark "
@@ -161,13 +188,18 @@ def write_report(table: dict, bpd: dict | None, note: str, interval, wall: float
              "distance of Gaussian fits in pixel space ([-1, 1]) to all real images; "
              f"{table['n']} random real images score **{table['fd_floor']:.3f}** (the floor at this sample size). "
              f"Interval: w applies for sigma in ({interval[0]}, {interval[1]}], 1 elsewhere. Autoguidance's guide: "
-             f"{guide}",
-             "", "| guidance | w | class accuracy | pixel FD | network forwards / batch | seconds |",
-             "|---|---|---|---|---|---|"]
+             f"{guide}"]
+    if fid:
+        lines += ["", f"FID: the real Inception weights, the {table['n']} samples against the statistics in "
+                  f"`{Path(table['fid_ref']).name}`; {table['n']} random real training images score "
+                  f"**{table['fid_floor']:.2f}** against them (the floor at this sample size: FID is biased "
+                  "upwards at small N, so compare rows with each other and with the floor)."]
+    lines += ["", "| guidance | w | class accuracy | pixel FD |" + (" FID |" if fid else "")
+              + " network forwards / batch | seconds |", "|---|---|---|---|---|---|" + ("---|" if fid else "")]
     for r in table["rows"]:
         fwd = "35" if r["forwards_per_batch"] is None else f"{r['forwards_per_batch']:.0f}"
-        lines.append(f"| {r['kind']} | {r['w']:g} | {r['accuracy']:.1%} | {r['fd']:.3f} | {fwd} | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(f"| {r['kind']} | {r['w']:g} | {r['accuracy']:.1%} | {r['fd']:.3f} | "
+                     + (f"**{r['fid']:.2f}** | " if fid else "") + f"{fwd} | {r['seconds']:.0f} |")
     lines += ["", "Forwards: classifier-free guidance runs the conditional and unconditional rows as one forward "
               "of a doubled batch (counted once); autoguidance runs two networks.", ""]
     if bpd is not None:
@@ -194,6 +226,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, default=None, help="evaluate this run folder, no training")
     parser.add_argument("--guide", type=Path, default=None, help="autoguidance guide (default: earliest snapshot)")
+    parser.add_argument("--guide-note", default=None, help="what the guide is, for the report")
+    parser.add_argument("--fid-ref", type=Path, default=None,
+                        help="Inception statistics (.npz) of real images: adds an FID column (real weights)")
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--interval", type=float, nargs=2, default=[0.28, 5.42])
@@ -214,10 +249,11 @@ def main() -> None:
         train_demo(run_dir, ["logger=csv", f"data.max_size={TRAIN_SUBSET}",
                              "callbacks.checkpoint.snapshot_every_kimg=16"])
     guide = args.guide or default_guide(run_dir)
-    table = guidance_table(run_dir, guide, args.weights, args.interval, args.per_class)
+    table = guidance_table(run_dir, guide, args.weights, args.interval, args.per_class, args.fid_ref)
     bpd = heldout_bpd(run_dir, args.bpd_images, args.bpd_steps)
     note = DEMO_NOTE if args.note == "demo" else args.note or f"`{run_dir}`, EMA weights, its own sampler config."
-    path = write_report(table, bpd, note, args.interval, time.perf_counter() - start, args.out, args.name)
+    path = write_report(table, bpd, note, args.interval, time.perf_counter() - start, args.out, args.name,
+                        args.guide_note)
     print(f"report: {path}")
 
 
