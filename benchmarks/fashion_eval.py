@@ -50,11 +50,10 @@ def test_stats(dataset, detector, num: int | None, device, cache: Path | None = 
 
 def fid_of(images: torch.Tensor, detector, ref, num: int | None, device, subset_seed: int = 0) -> float:
     """FID of uint8 images (a seeded subset of num when given) against reference statistics."""
-    from edmlab.metrics import compute_stats, frechet_distance
+    from edmlab.metrics import calc
 
-    stats = compute_stats(images, detector, num=num, seed=subset_seed, batch_size=50, device=device,
-                          progress=False)
-    return frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
+    return calc(images, ref, num=num, seed=subset_seed, detector=detector, batch_size=50, device=device,
+                progress=False)[0].fid
 
 
 class SmallCNN(nn.Module):

@@ -78,28 +78,14 @@ def draw(denoiser, sampler, label_dim: int, per_class: int, batch: int = 250) ->
     return torch.cat(out).clamp(-1, 1), nfe
 
 
-class FID:
-    """FID with the real Inception weights against reference statistics (an .npz of `mu`, `sigma`)."""
-
-    def __init__(self, ref: Path) -> None:
-        from edmlab.metrics import InceptionV3FID, load_stats
-
-        self.detector, self.ref = InceptionV3FID(download_ok=False), load_stats(ref)
-
-    def __call__(self, images: torch.Tensor) -> float:
-        """FID of uint8 images [N, C, H, W]."""
-        from edmlab.metrics import compute_stats, frechet_distance
-
-        stats = compute_stats(images, self.detector, batch_size=50, device="cpu", progress=False)
-        return frechet_distance(stats.mu, stats.sigma, self.ref.mu, self.ref.sigma)
-
-
 def guidance_table(run_dir: Path, guide_path: Path | None, weights, interval, per_class: int,
                    fid_ref: Path | None = None) -> dict:
     from sklearn.svm import SVC
 
     from edmlab.checkpoints import load_denoiser
     from edmlab.generation import to_uint8
+    from edmlab.metrics import InceptionV3FID, calc, load_stats
+
     denoiser, sampler, datamodule = load_run(run_dir)
     images, labels = dataset_arrays(datamodule)
     real = images.reshape(len(images), -1) / 127.5 - 1
@@ -114,7 +100,11 @@ def guidance_table(run_dir: Path, guide_path: Path | None, weights, interval, pe
     n = per_class * denoiser.label_dim
     subset = np.random.default_rng(1).permutation(len(real))[:n]
     floor = gaussian_fd(real[subset], real)
-    fid = FID(fid_ref) if fid_ref is not None else None
+    fid = None
+    if fid_ref is not None:  # the real Inception weights against the given statistics
+        detector, ref = InceptionV3FID(download_ok=False), load_stats(fid_ref)
+        fid = lambda x: calc(x, ref, num=None, detector=detector, batch_size=50, device="cpu",  # noqa: E731
+                             progress=False)[0].fid
     fid_floor = fid(torch.from_numpy(images[subset])) if fid else None
     rows = []
     for kind, w, iv, g in settings:
@@ -123,7 +113,7 @@ def guidance_table(run_dir: Path, guide_path: Path | None, weights, interval, pe
         images_w, nfe = draw(model, sampler, denoiser.label_dim, per_class)
         samples = images_w.reshape(n, -1).double().numpy()
         classes = np.repeat(np.arange(denoiser.label_dim), per_class)
-        seconds = time.perf_counter() - start  # sampling and scoring, without the Inception
+        seconds = time.perf_counter() - start  # sampling only: the Inception's time is not the sampler's
         rows.append({"kind": kind, "w": w, "interval": iv, "accuracy": float((svc.predict(samples) == classes).mean()),
                      "fd": gaussian_fd(samples, real), "fid": fid(to_uint8(images_w)) if fid else None,
                      "seconds": seconds, "forwards_per_batch": None if nfe is None else nfe / math.ceil(n / 250)})
