@@ -6,6 +6,10 @@ vs on the real test set), and training / sampling images per second.
     python benchmarks/fashion.py                       # CPU budget: --budget-min 40, sample count chosen
     python benchmarks/fashion.py --full                # EDM's protocol: 10,000 samples, all test images
     python benchmarks/fashion.py --run-dir DIR         # evaluate an existing run folder only
+    python benchmarks/fashion.py --run-dir DIR --full --resume --heun-steps 3 5   # add rows to a report
+
+Every measured row (and the floor) is saved to OUT/fashion.json as soon as it exists, so a killed run keeps
+them; `--resume` reuses that file's floor and rows (same run folder and N) and measures only what is missing.
 
 The sample count N (without --num / --full) is chosen after measuring Inception and sampling throughput,
 so that the whole benchmark fits in --budget-min. FID is biased upwards at small N (by roughly D/N for
@@ -92,6 +96,8 @@ def main() -> None:
     p.add_argument("--ref-stats", type=Path, default=None,
                    help="the test set's Inception statistics: read when the file exists, else computed and saved")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--resume", action="store_true",
+                   help="reuse OUT/fashion.json's floor and rows (same run folder and N); measure the rest")
     p.add_argument("train_overrides", nargs="*", help="extra train.py overrides, e.g. trainer=gpu")
     args = p.parse_args()
     start = time.perf_counter()
@@ -138,14 +144,21 @@ def main() -> None:
           flush=True)
 
     ref = test_stats(test, detector, None if args.full else num, device, cache=args.ref_stats)
-    floor = fid_of(torch.from_numpy(real_train.images), detector, ref, num, device, subset_seed=1)
+    progress = Progress(args.out / "fashion.json", str(run_dir.resolve()), num, args.resume)
+    if progress.floor is None:
+        progress.floor = fid_of(torch.from_numpy(real_train.images), detector, ref, num, device, subset_seed=1)
+        progress.save()
+    floor = progress.floor
     print(f"floor: FID(train {num} vs test) = {floor:.2f}", flush=True)
     cnn = train_classifier(real_train, args.classifier_images, device)
     acc_real = classify(cnn, torch.from_numpy(test.images), torch.from_numpy(test.raw_labels), device)
     print(f"classifier on the real test set: {acc_real:.1%}", flush=True)
 
-    rows = []
+    grid_images = None
     for solver, steps in runs + [(label, 10) for label in few]:
+        if progress.has(solver, nfe(solver, steps)):
+            print(f"kept from {progress.path}: {solver} at {nfe(solver, steps)} NFE", flush=True)
+            continue
         overrides = few.get(solver, dict(solver=solver, num_steps=steps))
         sampler = make_sampler(run_dir, **overrides)[1]
         t = time.perf_counter()
@@ -153,11 +166,14 @@ def main() -> None:
         sample_s = time.perf_counter() - t
         fid = fid_of(images, detector, ref, None, device)
         acc = classify(cnn, images, labels, device)
-        rows.append(dict(solver=solver, steps=overrides["num_steps"], nfe=nfe(solver, steps), fid=fid,
-                         accuracy=acc, sample_ips=num / sample_s))
-        print(json.dumps(rows[-1]), flush=True)
+        progress.add(dict(solver=solver, steps=overrides["num_steps"], nfe=nfe(solver, steps), fid=fid,
+                          accuracy=acc, sample_ips=num / sample_s))
         if solver == "heun" and steps == max(args.heun_steps):
             grid_images, grid_labels = images, labels
+    if grid_images is None:  # the grid's row was kept: its first seeds again (classes repeat within ~200)
+        sampler = make_sampler(run_dir, solver="heun", num_steps=max(args.heun_steps))[1]
+        grid_images, grid_labels = sample_uint8(denoiser, sampler, 300, device)
+    rows = progress.rows
 
     from fashion_report import write_report
 
@@ -167,6 +183,35 @@ def main() -> None:
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                         f"({device.type})", run_dir=str(run_dir), sampler=sampler_cfg)
     print(f"report: {write_report(rows, meta, grid_images, grid_labels, run_dir, args.out)}")
+
+
+class Progress:
+    """The floor and the measured rows of one (run folder, N), saved atomically after each change."""
+
+    def __init__(self, path: Path, run_dir: str, num: int, resume: bool) -> None:
+        self.path, self.run_dir, self.num = path, run_dir, num
+        self.floor, self.rows = None, []
+        if resume and path.is_file():
+            kept = json.loads(path.read_text())
+            if (kept["run_dir"], kept["num"]) != (run_dir, num):
+                raise SystemExit(f"--resume: {path} holds run {kept['run_dir']} at N = {kept['num']}, not "
+                                 f"{run_dir} at N = {num}; pass another --out or drop --resume")
+            self.floor, self.rows = kept["floor"], kept["rows"]
+
+    def has(self, solver: str, nfe: int) -> bool:
+        return any(r["solver"] == solver and r["nfe"] == nfe for r in self.rows)
+
+    def add(self, row: dict) -> None:
+        self.rows = sorted([*self.rows, row], key=lambda r: (r["solver"] not in ("heun", "dpmpp_2m"),
+                                                            r["solver"] != "heun", r["nfe"]))
+        print(json.dumps(row), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        from edmlab.fileio import atomic_write
+
+        with atomic_write(self.path, "w") as f:
+            json.dump(dict(run_dir=self.run_dir, num=self.num, floor=self.floor, rows=self.rows), f, indent=1)
 
 
 def few_step_overrides(real_train, cache_dir: Path, solvers: list[str]) -> dict[str, dict]:
