@@ -73,11 +73,13 @@ class SmallCNN(nn.Module):
 
 
 def train_classifier(dataset, num_images: int, device, epochs: int = 3, batch: int = 128) -> SmallCNN:
-    """A SmallCNN fit on num_images real training images (seeded), Adam 1e-3."""
+    """A SmallCNN fit on num_images real training images (seeded, whatever ran before), Adam 1e-3."""
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(dataset), generator=g)[:num_images]
     x, y = torch.from_numpy(dataset.images)[idx], torch.from_numpy(dataset.raw_labels)[idx]
-    net = SmallCNN().to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the initial weights: not the global stream, which earlier work consumed
+        net = SmallCNN().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     net.train()
     for _ in range(epochs):
