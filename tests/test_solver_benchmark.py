@@ -51,3 +51,21 @@ def test_fast_mode_table_plot_and_heun_order(bench, tmp_path):
     assert "## 16-D Gaussian mixture" in table and "## Finite set" in table
     with PIL.Image.open(tmp_path / "solvers_fast.png") as image:
         assert image.width > 1000 and image.height > 400
+
+
+def test_conditioning_marks_latents_on_a_decision_boundary(bench):
+    """Two equal components at +-m: a latent orthogonal to m lies on the flow's boundary (by symmetry); one far
+    along +m does not."""
+    import torch
+
+    from edmlab import analytic
+
+    m = torch.zeros(4, dtype=torch.float64)
+    m[0] = 1.0
+    law = analytic.GaussianMixture(torch.ones(2, dtype=torch.float64), torch.stack([m, -m]),
+                                   torch.full((2, 4), 0.1, dtype=torch.float64))
+    on = torch.tensor([0.0, 0.5, -0.3, 0.2], dtype=torch.float64)
+    k_on = int(bench.few_step.component(law, analytic.ode_reference(law, on[None], 80.0, 0.002))[0])
+    assert 0.1 < bench.few_step.conditioning(law, on, k_on) < 0.9
+    far = torch.tensor([2.0, 0.5, -0.3, 0.2], dtype=torch.float64)
+    assert bench.few_step.conditioning(law, far, 0) == 0.0
