@@ -139,12 +139,14 @@ def plain_steps(cfg, datamodule, model, device: torch.device):
 
 def lightning_fit(cfg, datamodule, model, extra_callbacks=()) -> None:
     """(b)/(c): the Trainer, callbacks and loggers `train.py` builds from the composed config."""
-    from edmlab.cli.train import _apply_extras, _instantiate_all, _make_trainer
+    from edmlab.cli.extras import apply_extras
+    from edmlab.cli.train import _instantiate_all, _make_trainer
 
-    _apply_extras(cfg)
+    apply_extras(cfg)
     with _quiet_lightning():
-        trainer = _make_trainer(cfg, [*_instantiate_all(cfg.get("callbacks"), "callbacks"), *extra_callbacks],
-                                _instantiate_all(cfg.get("logger"), "logger"))
+        # train.py's callbacks and loggers; its final losses are timed apart (end_of_run)
+        callbacks = [*_instantiate_all(cfg.get("callbacks"), "callbacks.").values(), *extra_callbacks]
+        trainer = _make_trainer(cfg, callbacks, list(_instantiate_all(cfg.get("logger"), "logger.").values()))
         trainer.fit(model, datamodule=datamodule)
     from edmlab.networks.layers import set_attention
 
@@ -312,7 +314,7 @@ def sample_py_end_to_end(tmp: Path, runs: int = 2) -> dict:
     return {"wall_s": statistics.median(walls)}
 
 
-def end_of_run(device: torch.device) -> dict:
+def end_of_run(device: torch.device, overrides: tuple[str, ...] = ()) -> dict:
     """What train.py does after the last step for the digits demo: final losses and the preview grid."""
     from hydra.utils import instantiate
 
@@ -320,7 +322,7 @@ def end_of_run(device: torch.device) -> dict:
     from edmlab.training.final_losses import final_losses
     from edmlab.training.samples import draw_samples
 
-    cfg = compose(["experiment=digits_edm", "logger=csv", "extras.print_config=false"])
+    cfg = compose(["experiment=digits_edm", "logger=csv", "extras.print_config=false", *overrides])
     datamodule, model = build_model(cfg)
     datamodule.setup("fit")
     model.to(device)
