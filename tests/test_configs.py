@@ -164,3 +164,23 @@ def test_iddpm_precond_asks_its_network_for_twice_the_channels(compose_train):
         assert denoiser_factory(cfg.precond)[1] == per_channel
         assert model.denoiser.net.build_config.get("out_channels", 2) == 2 * per_channel
         assert model.denoiser(torch.zeros(3, 2), 1.0).shape == (3, 2)  # the variance is not part of D
+
+
+def readme_train_commands() -> list[list[str]]:
+    """The overrides of every `python train.py ...` line in README.md (sweeps: the first value of each list)."""
+    import shlex
+
+    text = (CONFIGS.parent / "README.md").read_text()
+    commands = []
+    for line in re.findall(r"^python train\.py(.*)$", text, flags=re.M):
+        words = shlex.split(line.split(" # ")[0].split("  #")[0])
+        overrides = [w for w in words if w != "-m" and not w.startswith("hydra/launcher=")]
+        commands.append([re.sub(r"=([^=\[,]+),.*$", r"=\1", w) for w in overrides])
+    return commands
+
+
+@pytest.mark.parametrize("overrides", readme_train_commands(), ids=" ".join)
+def test_every_readme_train_command_composes(compose_train, overrides):
+    """What a user copies from the README composes and resolves: no stale key, group or option."""
+    cfg = compose_train(*overrides)
+    OmegaConf.to_container(cfg, resolve=True)
