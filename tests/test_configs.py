@@ -184,3 +184,16 @@ def test_every_readme_train_command_composes(compose_train, overrides):
     """What a user copies from the README composes and resolves: no stale key, group or option."""
     cfg = compose_train(*overrides)
     OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_callbacks_none_with_an_experiment_builds_no_callbacks(compose_train, caplog):
+    """An experiment's callback intervals outlive `callbacks=none`: ignored with a warning, not an error."""
+    from edmlab.cli.train import _instantiate_all
+
+    cfg = compose_train("experiment=digits_edm", "callbacks=none")
+    assert set(cfg.callbacks) == {"checkpoint", "sample_grid"} and "_target_" not in cfg.callbacks.checkpoint
+    with caplog.at_level("WARNING", logger="edmlab.train"):
+        assert _instantiate_all(cfg.callbacks, "callbacks.") == {}
+    assert "callbacks.checkpoint has settings but no _target_" in caplog.text
+    with pytest.raises(ValueError, match="callbacks.bad: expected a config with _target_"):
+        _instantiate_all({"bad": 3}, "callbacks.")

@@ -87,6 +87,8 @@ def _instantiate_all(section: DictConfig | dict | None, prefix: str, **extra) ->
         if isinstance(node, DictConfig) and "_target_" in node:
             kwargs = {k: v for k, v in extra.get(name, {}).items() if v is not None}
             out[f"{prefix}{name}"] = instantiate(node, **kwargs)
+        elif isinstance(node, DictConfig):  # e.g. an experiment's interval for a callback `callbacks=none` removed
+            log.warning(f"{prefix}{name} has settings but no _target_ (its config was removed): ignored")
         elif node is not None:
             raise ValueError(f"{prefix}{name}: expected a config with _target_, got {node!r}")
     return out
