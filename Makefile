@@ -4,7 +4,7 @@ TORCH  ?= 2.13.0
 PIP     = $(PYTHON) -m pip install --disable-pip-version-check -q
 DOCKER_CUDA ?= 12.8
 
-.PHONY: install inception fashion-mnist demo test test-slow lint bench docker
+.PHONY: install inception fashion-mnist demo test test-slow lint bench docker gpu-wheels
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 
 install:  ## torch pinned in the same pip call as everything else (never an unpinned resolve)
@@ -42,3 +42,7 @@ bench: install
 
 docker:  ## CUDA image of the same torch pin (needs a Docker engine); `docker run --rm edmlab:$(TORCH)` = train.py --help
 	docker build --build-arg TORCH=$(TORCH) --build-arg CUDA=$(DOCKER_CUDA) -t edmlab:$(TORCH) .
+
+gpu-wheels:  ## for a GPU machine without network that has torch and Lightning: edmlab's other needs into .whl/
+	$(PYTHON) -m pip download --disable-pip-version-check -q --no-deps -d .whl hydra-core==1.3.2 omegaconf==2.3.0
+	$(PYTHON) -m pip wheel --disable-pip-version-check -q --no-deps -w .whl antlr4-python3-runtime==4.9.3

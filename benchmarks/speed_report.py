@@ -22,9 +22,10 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
              "big networks' sampling, carry its noise; the lockstep ratios do not).", ""]
     if device.type == "cpu":
         lines += ["**GPU rows: unmeasured.** No GPU was lent to this run; `python benchmarks/speed.py --device cuda` "
-                  "measures them (the recipe's per-GPU batches). Every GPU-only switch is covered by a CPU test of "
-                  "what it computes (tests/test_fast_path.py). On CPU the batches are tiny, the ADM is narrowed "
-                  f"({ADM_CPU[0]}) and bf16 autocast is emulated, so (c) is no forecast of a GPU.", ""]
+                  "(or `bash benchmarks/gpu_check.sh`, with the CUDA tests) measures them (the recipe's per-GPU "
+                  "batches). Every GPU-only switch is covered by a CPU test of what it computes "
+                  "(tests/test_fast_path.py; tests/test_cuda.py on a GPU). On CPU the batches are tiny, the ADM is "
+                  f"narrowed ({ADM_CPU[0]}) and bf16 autocast is emulated, so (c) is no forecast of a GPU.", ""]
     lines += ["## Training (median step, in lockstep)", "",
               "(a) plain PyTorch loop in NVlabs/edm's shape (fp32, parameter-loop EMA); (b) edmlab as `train.py` "
               "runs it by default (EDMModule + Lightning + checkpoint/sample-grid/progress callbacks + CSV logger); "
