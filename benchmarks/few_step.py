@@ -144,7 +144,7 @@ def pooled_sets(law, mean, n: int, pilots: int, seed: int, cache: Path, common: 
     and more seeds): RMS pooled over every sample, and over the well-conditioned ones, that is without the
     samples some method ends in another component on whose exact end point also moves under `conditioning`."""
     labels = ["heun35"] + [m.label for m in FITTED]
-    sq, other, ill = {k: [] for k in labels}, dict.fromkeys(labels, 0), []
+    sq, other, ill, keep = {k: [] for k in labels}, dict.fromkeys(labels, 0), [], []
     for k in range(sets):
         lat = torch.randn(n, law.dim, generator=torch.Generator().manual_seed(seed + 1000 * k), dtype=torch.float64)
         ref = analytic.ode_reference(law, lat, SIGMA_MAX, SIGMA_MIN)
@@ -160,15 +160,15 @@ def pooled_sets(law, mean, n: int, pilots: int, seed: int, cache: Path, common: 
             flipped = component(law, x) != ref_k
             other[label] += int(flipped.sum())
             moved |= flipped
-        keep = torch.ones(n, dtype=torch.bool)
+        keep.append(torch.ones(n, dtype=torch.bool))
         for i in moved.nonzero().flatten().tolist():
             fraction = conditioning(law, lat[i], int(ref_k[i]))
-            keep[i] = fraction == 0
+            keep[-1][i] = fraction == 0
             ill += [fraction] if fraction > 0 else []
-        for label in labels:
-            sq[label][-1] = (sq[label][-1], keep)
-    rms = lambda pairs, well: math.sqrt(torch.cat([e[m] if well else e for e, m in pairs]).mean().item())
-    return {"all": {k: rms(v, False) for k, v in sq.items()}, "well": {k: rms(v, True) for k, v in sq.items()},
+    well = torch.cat(keep)
+    rms = lambda errors, mask: math.sqrt(torch.cat(errors)[mask].mean().item())
+    return {"all": {k: rms(v, torch.ones_like(well)) for k, v in sq.items()},
+            "well": {k: rms(v, well) for k, v in sq.items()},
             "other": other, "ill": ill, "samples": sets * n}
 
 
