@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_fast_path import assert_close_grads, perturbed_denoiser
 
+from edmlab import loss as losses
 from edmlab.networks import layers
 from edmlab.sampling import sample
 
@@ -45,8 +46,8 @@ def inputs(n: int = 8, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def edm_loss(denoiser, images, noise, sigma) -> torch.Tensor:
-    """EDM's loss (Karras et al. 2022, eq. 2 with lambda(sigma) from Table 1) on given noise."""
-    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    """EDM's loss on noise drawn on the CPU (denoising_loss would draw it on the device, with other numbers)."""
+    weight = losses.get("edm").weight(sigma)
     D = denoiser(images + noise * sigma[:, None, None, None], sigma)
     return (weight[:, None, None, None] * (D - images) ** 2).sum((1, 2, 3)).mean()
 
