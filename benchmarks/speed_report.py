@@ -28,8 +28,9 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
                   f"narrowed ({ADM_CPU[0]}) and bf16 autocast is emulated, so (c) is no forecast of a GPU.", ""]
     lines += ["## Training (median step, in lockstep)", "",
               "(a) plain PyTorch loop in NVlabs/edm's shape (fp32, parameter-loop EMA); (b) edmlab as `train.py` "
-              "runs it by default (EDMModule + Lightning + checkpoint/sample-grid/progress callbacks + CSV logger); "
-              "(c) (b) with `trainer=gpu_fast`'s switches.", "",
+              "runs it by default (EDMModule + Lightning + checkpoint/sample-grid/progress callbacks + CSV logger; the "
+              "end-of-run grid, which follows the last step, is timed apart below); (c) (b) with `trainer=gpu_fast`'s "
+              "switches.", "",
               "| model | params | batch | (a) plain img/s | (b) edmlab img/s | (c) fast img/s | (b)/(a) step time "
               "| (c) speed / (a) | peak MiB (a / b / c) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in train.items():

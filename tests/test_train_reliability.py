@@ -134,3 +134,33 @@ def test_resume_applies_a_new_lr_and_refuses_a_new_batch_size(tmp_path, caplog):
     assert state["lr_schedulers"][0]["base_lrs"] == [2e-3]
     # the new ramp: lr for step 5 = 2e-3 x min(5 x 8 / 80, 1)
     assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(2e-3 * 40 / 80)
+
+
+def test_diagnostics_are_logged_on_the_loggers_steps_only(tmp_path):
+    """EMA, progress, gradient and per-sigma diagnostics reach the CSV on every log_every_n_steps-th step, exact."""
+    cfg = compose_cfg(tmp_path, [*BASE, "trainer.max_steps=7", "trainer.log_every_n_steps=3",
+                                 "callbacks.checkpoint.every_kimg=null"])
+    calls: list[str] = []
+    original = L.LightningModule.log
+
+    def counting_log(self, name, *args, **kwargs):
+        calls.append(name)
+        return original(self, name, *args, **kwargs)
+
+    L.LightningModule.log = counting_log
+    try:
+        train(cfg)
+    finally:
+        L.LightningModule.log = original
+    rows = {int(r["step"]): r for r in _rows(tmp_path / "run")}
+    batch, rampup = cfg.data.batch_size, cfg.model.ema_rampup_ratio
+    assert sorted(rows) == [2, 5]  # the 3rd and 6th steps
+    for step, row in rows.items():
+        nimg = step * batch  # before the step, as EDM's EMA ramp counts
+        assert float(row["progress/kimg"]) == pytest.approx((nimg + batch) / 1000, rel=1e-6)  # logged as float32
+        assert float(row["ema/beta"]) == pytest.approx(0.5 ** (batch / (nimg * rampup)), rel=1e-6)
+        assert float(row["train/skipped_steps"]) == 0 and float(row["train/grad_norm"]) > 0
+        assert float(row["progress/img_per_sec"]) > 0
+        assert any(k.startswith("train/loss_sigma_") and row[k] for k in row)
+    # off the log steps only the loss (progress bar) and the learning rate are logged
+    assert calls.count("ema/beta") == 2 and calls.count("train/loss") == 7 and calls.count("train/lr") == 7

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-__all__ = ["wandb_mode", "wandb_logger", "wandb_run_id", "CSVLogger"]
+__all__ = ["wandb_mode", "wandb_logger", "wandb_run_id", "logs_this_step", "CSVLogger"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,16 @@ def wandb_run_id(loggers: Sequence[Logger]) -> str | None:
             run_id = getattr(logger.experiment, "id", None)
             return run_id if isinstance(run_id, str) else None  # ranks > 0 hold a stand-in experiment
     return None
+
+
+def logs_this_step(trainer) -> bool:
+    """Whether the loggers write this step's values (every `log_every_n_steps`, or a step that stops the fit).
+
+    Lightning drops other steps' on_step values, yet each `self.log` costs ~0.5 ms of Python: on a small
+    network ten of them were 4% of a step, so per-step diagnostics are logged only when they are written.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    return connector is None or bool(connector.should_update_logs)
 
 
 def _step(row: dict) -> float:

@@ -25,7 +25,7 @@ import edmlab.training.rng as rng
 from edmlab import loss as losses
 from edmlab.checkpoints.training import CHECKPOINT_KEY, EMA_PREFIX, META_FORMAT, META_VERSION
 from edmlab.training.ema import EMA, PowerFunctionEMA
-from edmlab.training.loggers import wandb_run_id
+from edmlab.training.loggers import logs_this_step, wandb_run_id
 
 __all__ = ["EDMModule", "LearningRate", "reference_loss", "TrainingDiverged"]
 
@@ -196,7 +196,7 @@ class EDMModule(L.LightningModule):
             self.skipped_steps += 1
             for p in self.denoiser.parameters():
                 p.grad = None  # Adam leaves parameters without gradients (and their moments) untouched
-        else:
+        elif logs_this_step(self.trainer):
             self.log("train/grad_norm", norm, on_step=True)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
@@ -215,19 +215,18 @@ class EDMModule(L.LightningModule):
                     "the weights from before. Lower optim.lr (or raise model.lr_rampup_kimg) and resume or restart")
         else:
             beta = self.ema.update(self.denoiser, nimg, self.batch_size)
-            self.log("ema/halflife_kimg", self.ema.halflife_nimg(nimg) / 1000, on_step=True)
-            self.log("ema/beta", beta, on_step=True)
+            if logs_this_step(self.trainer):
+                self.log("ema/halflife_kimg", self.ema.halflife_nimg(nimg) / 1000, on_step=True)
+                self.log("ema/beta", beta, on_step=True)
             if self.phema is not None:
                 self.phema.update(self.denoiser, nimg + self.batch_size, self.batch_size)
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-        self.log("train/nonfinite_losses", float(self.nonfinite_losses), on_step=True)
-        self.log("progress/kimg", (nimg + self.batch_size) / 1000, on_step=True)
-        self._log_buckets()
+        if logs_this_step(self.trainer):
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+            self.log("train/nonfinite_losses", float(self.nonfinite_losses), on_step=True)
+            self.log("progress/kimg", (nimg + self.batch_size) / 1000, on_step=True)
+            self._log_buckets()
 
     def _log_buckets(self) -> None:
-        connector = getattr(self.trainer, "_logger_connector", None)
-        if connector is not None and not connector.should_update_logs:
-            return
         counts = self._bucket_count.cpu()
         means = (self._bucket_sum.cpu() / counts.clamp(min=1)).tolist()
         for name, mean, count in zip(self.bucket_names(), means, counts.tolist(), strict=True):

@@ -14,6 +14,8 @@ import time
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from edmlab.training.loggers import logs_this_step
+
 __all__ = ["KimgProgress", "StepCallback", "crossed_kimg", "format_eta", "tick_name", "stopped_by_signal"]
 
 log = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ class KimgProgress(Callback):
         else:
             rate = (step - self._step_first) * pl_module.batch_size / max(now - self._t_first, 1e-9)
         eta = (self.total_kimg - kimg) * 1000 / rate if rate > 0 else math.nan
-        if math.isfinite(rate):
+        if math.isfinite(rate) and logs_this_step(trainer):
             pl_module.log("progress/img_per_sec", rate, on_step=True)
             pl_module.log("progress/sec_per_kimg", 1000 / rate, on_step=True)
         if not trainer.is_global_zero:
