@@ -136,7 +136,7 @@ def test_resume_applies_a_new_lr_and_refuses_a_new_batch_size(tmp_path, caplog):
     assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(2e-3 * 40 / 80)
 
 
-def test_diagnostics_are_logged_on_the_loggers_steps_only(tmp_path):
+def test_diagnostics_are_logged_on_the_loggers_steps_only(tmp_path, monkeypatch):
     """EMA, progress, gradient and per-sigma diagnostics reach the CSV on every log_every_n_steps-th step, exact."""
     cfg = compose_cfg(tmp_path, [*BASE, "trainer.max_steps=7", "trainer.log_every_n_steps=3",
                                  "callbacks.checkpoint.every_kimg=null"])
@@ -147,11 +147,8 @@ def test_diagnostics_are_logged_on_the_loggers_steps_only(tmp_path):
         calls.append(name)
         return original(self, name, *args, **kwargs)
 
-    L.LightningModule.log = counting_log
-    try:
-        train(cfg)
-    finally:
-        L.LightningModule.log = original
+    monkeypatch.setattr(L.LightningModule, "log", counting_log)
+    train(cfg)
     rows = {int(r["step"]): r for r in _rows(tmp_path / "run")}
     batch, rampup = cfg.data.batch_size, cfg.model.ema_rampup_ratio
     assert sorted(rows) == [2, 5]  # the 3rd and 6th steps

@@ -205,6 +205,7 @@ class EDMModule(L.LightningModule):
         self._skip_step = False
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.consecutive_skipped_steps = self.consecutive_skipped_steps + 1 if self._skip_step else 0
+        log_now = logs_this_step(self.trainer)
         if self._skip_step:
             warnings.warn(f"step {self.trainer.global_step}: non-finite gradients, step skipped "
                           f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=1)
@@ -215,12 +216,12 @@ class EDMModule(L.LightningModule):
                     "the weights from before. Lower optim.lr (or raise model.lr_rampup_kimg) and resume or restart")
         else:
             beta = self.ema.update(self.denoiser, nimg, self.batch_size)
-            if logs_this_step(self.trainer):
+            if log_now:
                 self.log("ema/halflife_kimg", self.ema.halflife_nimg(nimg) / 1000, on_step=True)
                 self.log("ema/beta", beta, on_step=True)
             if self.phema is not None:
                 self.phema.update(self.denoiser, nimg + self.batch_size, self.batch_size)
-        if logs_this_step(self.trainer):
+        if log_now:
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
             self.log("train/nonfinite_losses", float(self.nonfinite_losses), on_step=True)
             self.log("progress/kimg", (nimg + self.batch_size) / 1000, on_step=True)
