@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from edmlab.networks import NAMES, build, num_parameters
-from edmlab.networks.layers import Conv2d, PositionalEmbedding, self_attention
+from edmlab.networks.layers import Conv2d, PositionalEmbedding, self_attention, weight_init
 from edmlab.precond import Denoiser
 
 CONFIGS = "configs/network"
@@ -125,6 +125,20 @@ def test_box_resampling_is_average_pool_and_nearest_upsampling():
     up = Conv2d(3, 3, kernel=0, up=True, resample_filter=[1, 1])
     torch.testing.assert_close(down(x), F.avg_pool2d(x, 2))
     torch.testing.assert_close(up(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+@pytest.mark.parametrize("mode, draw, scale", [
+    ("xavier_uniform", lambda s: torch.rand(*s) * 2 - 1, math.sqrt(6 / (5 + 7))),
+    ("xavier_normal", lambda s: torch.randn(*s), math.sqrt(2 / (5 + 7))),
+    ("kaiming_uniform", lambda s: torch.rand(*s) * 2 - 1, math.sqrt(3 / 5)),
+    ("kaiming_normal", lambda s: torch.randn(*s), math.sqrt(1 / 5)),
+])
+def test_weight_init_is_edms_formula_bit_for_bit(mode, draw, scale):
+    """The same draws, scaled as NVlabs' weight_init writes it (out of place): equal to the last bit."""
+    torch.manual_seed(3)
+    expected = scale * draw([7, 5])
+    torch.manual_seed(3)
+    assert torch.equal(weight_init([7, 5], mode, fan_in=5, fan_out=7), expected)
 
 
 def test_fir_filter_is_normalised_binomial():

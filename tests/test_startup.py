@@ -1,4 +1,5 @@
-"""Start-up: sampling and `train.py --help` run without importing Lightning (a fresh interpreter each)."""
+"""Start-up: sampling and `train.py --help` run without importing Lightning, and loading a checkpoint
+without importing torch._dynamo (a fresh interpreter each)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import PIL.Image
 import torch
 
 from edmlab import checkpoints
-from edmlab.networks import build
+from edmlab.networks import NAMES, build
 from edmlab.precond import Denoiser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +67,25 @@ def test_metrics_and_generation_import_light():
     loaded = set(json.loads(done.stdout.strip().splitlines()[-1]))
     assert "edmlab" in loaded and "torch" in loaded
     assert not loaded & {"lightning", "pytorch_lightning", "hydra", "omegaconf", "rich", "PIL"}
+
+
+def test_checkpoint_shape_probe_does_not_import_dynamo():
+    """The loader builds each network on the meta device first; any out-of-place arithmetic there runs a Python
+    meta kernel whose first call imports torch._dynamo (about 1 s of sample.py's start-up)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    probe = ("import json, sys, torch\n"
+             "from edmlab.networks import build\n"
+             "for config in json.loads(sys.argv[1]):\n"
+             "    with torch.device('meta'):\n"
+             "        net = build(**config)\n"
+             "    assert all(t.is_meta for t in net.state_dict().values())\n"
+             "print(json.dumps('torch._dynamo' in sys.modules))")
+    small = dict(img_resolution=8, img_channels=3, label_dim=10, model_channels=16, channel_mult=[1, 2],
+                 num_blocks=1, attn_resolutions=[4])
+    configs = [dict(name=name, **small) for name in NAMES if name != "mlp"]
+    configs += [dict(name="ncsnpp", encoder_type="skip", decoder_type="skip", **small),
+                dict(name="mlp", img_resolution=1, img_channels=2, embedding_type="fourier")]
+    done = subprocess.run([sys.executable, "-c", probe, json.dumps(configs)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) is False

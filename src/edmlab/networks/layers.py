@@ -21,14 +21,16 @@ __all__ = ["weight_init", "Linear", "Conv2d", "GroupNorm", "self_attention", "se
 
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
     """Xavier (Glorot & Bengio 2010) or Kaiming (He et al. 2015) initialisation, uniform or normal."""
+    # Scaled in place: out-of-place arithmetic on the meta device (the checkpoint loader's shape probe) runs
+    # Python meta kernels whose first call imports torch._dynamo (~1 s of sample.py's start-up).
     if mode == "xavier_uniform":
-        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+        return torch.rand(*shape).mul_(2).sub_(1).mul_(math.sqrt(6 / (fan_in + fan_out)))
     if mode == "xavier_normal":
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+        return torch.randn(*shape).mul_(math.sqrt(2 / (fan_in + fan_out)))
     if mode == "kaiming_uniform":
-        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+        return torch.rand(*shape).mul_(2).sub_(1).mul_(math.sqrt(3 / fan_in))
     if mode == "kaiming_normal":
-        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+        return torch.randn(*shape).mul_(math.sqrt(1 / fan_in))
     raise ValueError(f"invalid init_mode {mode!r}; expected xavier_uniform, xavier_normal, "
                      "kaiming_uniform or kaiming_normal")
 
@@ -41,8 +43,8 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
-        self.bias = nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+        self.weight = nn.Parameter(weight_init([out_features, in_features], **fans).mul_(init_weight))
+        self.bias = nn.Parameter(weight_init([out_features], **fans).mul_(init_bias)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -65,12 +67,12 @@ class Conv2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.up, self.down, self.fused_resample = up, down, fused_resample
         fans = dict(mode=init_mode, fan_in=in_channels * kernel**2, fan_out=out_channels * kernel**2)
-        w = weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight if kernel else None
+        w = weight_init([out_channels, in_channels, kernel, kernel], **fans).mul_(init_weight) if kernel else None
         self.weight = nn.Parameter(w) if kernel else None
-        self.bias = nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
-        f = torch.as_tensor(list(resample_filter), dtype=torch.float32)
-        f = torch.outer(f, f)[None, None] / f.sum().square()
-        self.register_buffer("resample_filter", f if up or down else None)
+        self.bias = nn.Parameter(weight_init([out_channels], **fans).mul_(init_bias)) if kernel and bias else None
+        taps = [float(t) for t in resample_filter]  # outer(f, f) / sum(f)^2 in Python: no meta kernel in the probe
+        f = [[[[u * v / sum(taps) ** 2 for v in taps] for u in taps]]]
+        self.register_buffer("resample_filter", torch.tensor(f, dtype=torch.float32) if up or down else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype) if self.weight is not None else None
@@ -234,7 +236,7 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, num_channels: int, scale: float = 16) -> None:
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        self.register_buffer("freqs", torch.randn(num_channels // 2).mul_(scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))

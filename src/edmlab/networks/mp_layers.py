@@ -69,8 +69,9 @@ class MPFourier(nn.Module):
                  bandwidth: float = 1,   # std of the frequencies
                  ) -> None:
         super().__init__()
-        self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
-        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
+        # Scaled in place: no Python meta kernel (and no torch._dynamo import) in the loader's meta-device probe.
+        self.register_buffer("freqs", torch.randn(num_channels).mul_(2 * math.pi).mul_(bandwidth))
+        self.register_buffer("phases", torch.rand(num_channels).mul_(2 * math.pi))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.to(torch.float32).ger(self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
