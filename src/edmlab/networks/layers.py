@@ -71,7 +71,8 @@ class Conv2d(nn.Module):
         self.weight = nn.Parameter(w) if kernel else None
         self.bias = nn.Parameter(weight_init([out_channels], **fans).mul_(init_bias)) if kernel and bias else None
         taps = [float(t) for t in resample_filter]  # outer(f, f) / sum(f)^2 in Python: no meta kernel in the probe
-        f = [[[[u * v / sum(taps) ** 2 for v in taps] for u in taps]]]
+        norm = sum(taps) ** 2
+        f = [[[[u * v / norm for v in taps] for u in taps]]]
         self.register_buffer("resample_filter", torch.tensor(f, dtype=torch.float32) if up or down else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
