@@ -5,16 +5,19 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import tracemalloc
 
 import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from test_train import compose_cfg, tiny
 
 from edmlab.checkpoints import EXPORT_NAME, saved_step
-from edmlab.cli.train import main, train
+from edmlab.cli.train import _make_trainer, main, train
 from edmlab.cluster import Requeue
+from edmlab.training.checkpoint import StreamingCheckpointIO
 
 BASE = [*tiny("digits_edm"), "callbacks.sample_grid=null", "model.lr_rampup_kimg=0"]
 
@@ -161,3 +164,23 @@ def test_diagnostics_are_logged_on_the_loggers_steps_only(tmp_path, monkeypatch)
         assert any(k.startswith("train/loss_sigma_") and row[k] for k in row)
     # off the log steps only the loss (progress bar) and the learning rate are logged
     assert calls.count("ema/beta") == 2 and calls.count("train/loss") == 7 and calls.count("train/lr") == 7
+
+
+def test_checkpoints_stream_to_disk_without_a_serialized_copy_in_memory(tmp_path):
+    """train.py's Trainer saves through StreamingCheckpointIO: the file loads back bit for bit, and no serialized
+    copy of the checkpoint is held in Python memory (Lightning's own IO holds one, measured side by side)."""
+    trainer = _make_trainer(compose_cfg(tmp_path, BASE), [], [])
+    assert isinstance(trainer.strategy.checkpoint_io, StreamingCheckpointIO)
+    size = 16 * 2**20
+    checkpoint = {"state_dict": {f"w{i}": torch.randn(2**18) for i in range(16)}, "global_step": 3}  # 16 MiB
+    peaks = {}
+    for io in (TorchCheckpointIO(), trainer.strategy.checkpoint_io):
+        tracemalloc.start()
+        io.save_checkpoint(checkpoint, tmp_path / f"{type(io).__name__}.ckpt")
+        peaks[type(io).__name__] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks["TorchCheckpointIO"] >= size and peaks["StreamingCheckpointIO"] < size / 64
+    loaded = torch.load(tmp_path / "StreamingCheckpointIO.ckpt", weights_only=True)
+    assert loaded["global_step"] == 3
+    assert all(torch.equal(loaded["state_dict"][k], v) for k, v in checkpoint["state_dict"].items())
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == []  # written under a temporary name, renamed into place

@@ -99,11 +99,12 @@ def _make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     from hydra.utils import instantiate
 
     from edmlab.cluster import cluster_environment
+    from edmlab.training.checkpoint import StreamingCheckpointIO
 
     extra = {}
-    environment = cluster_environment()  # torchrun inside Slurm, Slurm without Lightning's own requeue
-    if environment is not None and not cfg.trainer.get("plugins"):
-        extra["plugins"] = [environment]
+    if not cfg.trainer.get("plugins"):  # plugins the config names replace these
+        environment = cluster_environment()  # torchrun inside Slurm, Slurm without Lightning's own requeue
+        extra["plugins"] = [p for p in (environment, StreamingCheckpointIO()) if p is not None]
     try:
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
     except InstantiationException as e:

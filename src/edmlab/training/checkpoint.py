@@ -23,18 +23,32 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from edmlab.checkpoints.training import CKPT_NAME, EXPORT_NAME, saved_step
-from edmlab.fileio import remove_stale_tmp, tmp_name
+from edmlab.fileio import atomic_torch_save, remove_stale_tmp, tmp_name
 from edmlab.training.progress import StepCallback, tick_name
 
-__all__ = ["Checkpoint", "FAULT_ENV", "SAVE_POINTS", "sync_export"]
+__all__ = ["Checkpoint", "StreamingCheckpointIO", "FAULT_ENV", "SAVE_POINTS", "sync_export"]
 
 log = logging.getLogger(__name__)
 
 # "<point>@<n>": SIGKILL this process right after its n-th save reaches <point> (fault-injection tests)
 FAULT_ENV = "EDMLAB_FAULT_KILL_AFTER"
 SAVE_POINTS = ("ckpt_tmp", "export", "ckpt")  # last.ckpt written to its tmp name, export renamed, last.ckpt renamed
+
+
+class StreamingCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, with `torch.save` streaming into the file through `edmlab.fileio`.
+
+    Lightning's own serializes the whole checkpoint into memory before writing it: a transient of the
+    checkpoint's size in host RAM on every save (0.83 GB of peak RSS for DDPM++ with Adam and EMA).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_torch_save(checkpoint, path)
 
 
 def _fsync(path: Path) -> None:
