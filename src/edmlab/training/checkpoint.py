@@ -45,7 +45,8 @@ class StreamingCheckpointIO(TorchCheckpointIO):
     checkpoint's size in host RAM on every save (0.83 GB of peak RSS for DDPM++ with Adam and EMA).
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         atomic_torch_save(checkpoint, path)
