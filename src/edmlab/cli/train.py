@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from edmlab import dist
 from edmlab.cli.resolvers import register, repo_root
 
-if TYPE_CHECKING:  # Lightning is imported when training starts: `train.py --help` stays quick
+if TYPE_CHECKING:  # torch and Lightning are imported when training starts: `train.py --help` stays quick
     import lightning as L
+    import torch
 
 __all__ = ["main", "train", "build_model", "denoiser_factory", "CONFIG_DIR", "PRECOND_OUT_CHANNELS"]
 
@@ -108,6 +108,8 @@ def _make_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     try:
         return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
     except InstantiationException as e:
+        import torch
+
         if "gpu" in str(e).lower() and not torch.cuda.is_available():
             accelerator = cfg.trainer.get("accelerator")
             raise RuntimeError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: add "
