@@ -7,6 +7,8 @@ Training, three ways on one device in one process, step by step in lockstep over
 Sampling: images/s of edmlab.generation (what sample.py runs) at 35 NFE against 35 x one network forward at the
 same batch; the sampler's overhead as the time generate() spends outside the network over the time inside it,
 both clocked in the same call (so machine load cancels); and `python sample.py` end to end for the digits net.
+On a GPU, CIFAR's DDPM++ samples on sample.py's fast path too (speed_report.FAST_SAMPLING, batch 256): the report
+turns each CIFAR row into the time for 50,000 samples.
 
     python benchmarks/speed.py                  # this machine's CPU (or GPU), bounded to ~10 minutes on 2 cores
     python benchmarks/speed.py --device cuda    # the recipe's per-GPU batches
@@ -17,84 +19,35 @@ Writes benchmarks/results/speed.md (+ speed.json, the raw numbers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
+import logging
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_report import ADM_CPU, NFE, RESULTS, write_report  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# name -> (overrides, image shape, label_dim, batch on CPU, batch on GPU); CPU rows use tiny batches
-MODELS = {
-    "digits (unet_small, 0.98M)": (["experiment=digits_edm"], (1, 8, 8), 10, 128, 128),
-    "cifar_edm DDPM++ (55.7M)": (["experiment=cifar_edm"], (3, 32, 32), 10, 2, 64),
-    "ADM 64x64": (["experiment=cifar_edm", "network=adm", "model.augment_pipe=null"], (3, 64, 64), 1000, 2, 64),
-    "Fashion (fashion_edm's unet_small)": (["experiment=fashion_edm", "~callbacks.fid"], (1, 32, 32), 10, 64, 128),
-}
-SMALL = ("digits", "Fashion")  # many timed steps on CPU too
-
-
-# ------------------------------------------------------------------------------------------ plumbing
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:  # freed heap handed back first, so an earlier (bigger) model's leftovers do not count as this one's peak
-        import ctypes
-        import gc
-
-        gc.collect()
-        ctypes.CDLL(None).malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
-
-
-def peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status").read_text()
-    return float(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import edmlab.cli  # noqa: F401 - the edmlab.* resolvers
-
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
-
-
-def datamodule_for(cfg, shape, label_dim: int, device: torch.device):
-    """The config's data module for digits; synthetic uint8 images of the right shape otherwise (no download)."""
-    from hydra.utils import instantiate
-
-    from edmlab.data import ImageDataModule
-    from edmlab.data.images import ArrayImageDataset
-
-    if shape == (1, 8, 8):
-        return instantiate(cfg.data)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(256, *shape), dtype=np.uint8)
-    dataset = ArrayImageDataset(images, rng.integers(0, label_dim, size=256), label_dim=label_dim, name="synthetic")
-    return ImageDataModule(dataset, batch_size=int(cfg.data.batch_size), pin_memory=device.type == "cuda")
+from speed_report import ADM_CPU, FAST_SAMPLING, NFE, RESULTS, write_report  # noqa: E402
+from speed_setup import (  # noqa: E402
+    FAST_BATCH,
+    MODELS,
+    ROOT,
+    SMALL,
+    compose,
+    datamodule_for,
+    peak_mib,
+    reset_peak,
+    sync_clock,
+)
 
 
 # ------------------------------------------------------------------------------------ the three ways
@@ -169,11 +122,11 @@ def lockstep(plain, device: torch.device, warmup: int, times: dict):
             self.count, self.t_start = 0, None
 
         def on_train_batch_end(self, *args) -> None:
-            now = _sync(device)
+            now = sync_clock(device)
             if self.t_start is not None and self.count > warmup:
                 times["lightning"].append(now - self.t_start)
             next(plain)
-            done = _sync(device)
+            done = sync_clock(device)
             if self.t_start is not None and self.count > warmup:
                 times["plain"].append(done - now)
             self.t_start, self.count = done, self.count + 1
@@ -181,24 +134,19 @@ def lockstep(plain, device: torch.device, warmup: int, times: dict):
     return Lockstep()
 
 
-class _quiet_lightning:
-    def __enter__(self):
-        import logging
-        import warnings
-
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
+@contextlib.contextmanager
+def _quiet_lightning():
+    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "edmlab")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        self._levels = {n: logging.getLogger(n).level for n in ("lightning", "lightning.pytorch", "edmlab")}
-        for n in self._levels:
-            logging.getLogger(n).setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        import logging
-
-        for n, level in self._levels.items():
-            logging.getLogger(n).setLevel(level)
-        self._warnings.__exit__(*exc)
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
 
 
 def bench_training(name: str, device: torch.device, steps: int, warmup: int, tmp: Path) -> dict:
@@ -255,19 +203,36 @@ def bench_training(name: str, device: torch.device, steps: int, warmup: int, tmp
 
 
 # ------------------------------------------------------------------------------------------- sampling
-def bench_sampling(name: str, device: torch.device, rounds: int, tmp: Path) -> dict:
+def bench_sampling(name: str, device: torch.device, rounds: int, tmp: Path, fast: bool = False,
+                   batch: int | None = None) -> dict:
+    """generate() at NFE against its own network time; fast: sample.py's GPU fast path (`FAST_SAMPLING`)."""
     from hydra.utils import instantiate
 
     from edmlab.cli.train import build_model
-    from edmlab.generation import generate
+    from edmlab.generation import with_precision
+    from edmlab.networks.layers import set_attention
 
     overrides, shape, label_dim, cpu_batch, gpu_batch = MODELS[name]
-    batch = 64 if shape == (1, 8, 8) else (gpu_batch if device.type == "cuda" else cpu_batch)
+    batch = batch or (64 if shape == (1, 8, 8) else (gpu_batch if device.type == "cuda" else cpu_batch))
     cfg = compose([*overrides, *(ADM_CPU if "ADM" in name and device.type == "cpu" else []), "logger=csv",
                    "extras.print_config=false"])
     _, model = build_model(cfg, datamodule=datamodule_for(cfg, shape, label_dim, device))
     denoiser = model.ema.module.to(device).eval()
-    sampler = instantiate(cfg.sampler)
+    sampler = with_precision(instantiate(cfg.sampler), device, "bf16" if fast else "fp32")
+    if fast:
+        set_attention("sdpa")
+        denoiser.to(memory_format=torch.channels_last)
+    try:
+        return _time_sampling(denoiser, sampler, batch, shape, label_dim, device, rounds,
+                              tmp / f"gen-{abs(hash(name))}-{fast:d}", fast)
+    finally:
+        set_attention("einsum")
+
+
+def _time_sampling(denoiser, sampler, batch: int, shape, label_dim: int, device: torch.device, rounds: int,
+                   tmp: Path, fast: bool) -> dict:
+    from edmlab.generation import generate
+
     x = torch.randn(batch, *shape, device=device)
     labels = torch.eye(label_dim, device=device)[torch.arange(batch, device=device) % label_dim]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -282,27 +247,40 @@ def bench_sampling(name: str, device: torch.device, rounds: int, tmp: Path) -> d
         clock[0] += time.perf_counter() - t
         return out
 
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast)  # the forwards as the sampler runs them
     with torch.no_grad():
-        denoiser(x, torch.full((batch,), 1.0, device=device), labels)
+        with autocast:
+            denoiser(x, torch.full((batch,), 1.0, device=device), labels)
         for r in range(rounds):
             denoiser.forward, clock[0] = timed_forward, 0.0
             sync()
             t0 = time.perf_counter()
-            generate(denoiser, list(range(r * batch, (r + 1) * batch)), tmp / f"gen-{abs(hash(name))}-{r}", sampler,
-                     batch_size=batch,
-                     class_labels="all", format="npz", device=device, progress=False)
+            generate(denoiser, list(range(r * batch, (r + 1) * batch)), tmp / str(r), sampler,
+                     batch_size=batch, class_labels="all", format="npz", device=device, progress=False)
             sync()
             gen.append(time.perf_counter() - t0)
             inside.append(clock[0])
             denoiser.forward = forward
             t0 = time.perf_counter()
-            for _ in range(NFE):
-                denoiser(x, torch.full((batch,), 1.0, device=device), labels)
+            with autocast:
+                for _ in range(NFE):
+                    denoiser(x, torch.full((batch,), 1.0, device=device), labels)
             sync()
             net.append(time.perf_counter() - t0)
     g, n = statistics.median(gen), statistics.median(net)
     return {"batch": batch, "gen_img_s": batch / g, "net_img_s": batch / n, "overhead_vs_forwards": g / n - 1,
             "overhead": statistics.median(a / b - 1 for a, b in zip(gen, inside, strict=True))}
+
+
+def sampling_rows(name: str, device: torch.device, tmp: Path) -> dict[str, dict]:
+    """The sampling rows of one model; on a GPU, CIFAR's DDPM++ also on sample.py's fast path (the 50k goal)."""
+    gpu = device.type == "cuda"
+    rows = {name: bench_sampling(name, device, 3 if name.startswith(SMALL) or gpu else 1, tmp)}
+    if gpu and name.startswith("cifar_edm"):
+        rows[f"{name}, {FAST_SAMPLING}"] = bench_sampling(name, device, 3, tmp, fast=True, batch=FAST_BATCH)
+    for row, result in rows.items():
+        print(row, result, flush=True)
+    return rows
 
 
 def sample_py_end_to_end(tmp: Path, runs: int = 2) -> dict:
@@ -350,9 +328,6 @@ def end_of_run(device: torch.device, overrides: tuple[str, ...] = ()) -> dict:
             "grid": f"{spec.per_class} per class x 10 classes"}
 
 
-# --------------------------------------------------------------------------------------------- report
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -369,8 +344,7 @@ def main() -> None:
         kept = json.loads(raw.read_text())
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.models:
-                kept["sample"][name] = bench_sampling(name, device, 3 if name.startswith(SMALL) else 1, Path(tmp))
-                print(name, kept["sample"][name], flush=True)
+                kept["sample"].update(sampling_rows(name, device, Path(tmp)))
         raw.write_text(json.dumps(kept, indent=1))
         print(write_report(device, kept["train"], kept["sample"], kept["e2e"], kept["end"],
                            kept["seconds"] + time.perf_counter() - t0))
@@ -381,8 +355,7 @@ def main() -> None:
             steps, warmup = (100, 10) if gpu else ((40, 3) if small else (8, 1))  # big nets: 9 pairs, ~1 min each
             train[name] = bench_training(name, device, steps, warmup, Path(tmp))
             print(name, {k: v for k, v in train[name].items()}, flush=True)
-            sample[name] = bench_sampling(name, device, 3 if small or gpu else 1, Path(tmp))
-            print(name, sample[name], flush=True)
+            sample.update(sampling_rows(name, device, Path(tmp)))
             write_report(device, train, sample, None, None, time.perf_counter() - t0)  # partial results so far
         e2e = sample_py_end_to_end(Path(tmp)) if "digits (unet_small, 0.98M)" in sample and not gpu else None
         if e2e is not None:  # the network time of the same run

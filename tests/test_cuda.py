@@ -7,6 +7,7 @@ logic, not the kernels); benchmarks/gpu_check.sh runs them on a GPU beside the s
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 from test_fast_path import assert_close_grads, perturbed_denoiser
 
 from edmlab import loss as losses
+from edmlab.generation import with_precision
 from edmlab.networks import layers
 from edmlab.sampling import sample
 
@@ -132,6 +134,19 @@ def test_sampling_on_the_device_ends_where_the_cpu_ends(solver, steps):
         on_device = sample(copy.deepcopy(denoiser).to(DEVICE), latents.to(DEVICE), solver=solver, num_steps=steps)
     assert on_device.device.type == torch.device(DEVICE).type
     assert (on_device.cpu() - on_cpu).abs().max() <= 1e-4 * on_cpu.abs().max()
+
+
+def test_sample_py_fast_path_on_the_device_ends_near_fp32():
+    """precision=bf16 + channels_last + SDPA, as sample.py applies them: the fp32 samples to bf16 rounding."""
+    denoiser = perturbed_denoiser(attn_resolutions=[4]).eval().to(DEVICE)
+    latents = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    heun = functools.partial(sample, num_steps=6)
+    with torch.no_grad():
+        reference = heun(denoiser, latents)
+        layers.set_attention("sdpa")
+        fast = with_precision(heun, DEVICE, "bf16")(denoiser.to(memory_format=torch.channels_last), latents)
+    assert fast.dtype == reference.dtype == torch.float32
+    assert 0 < (fast - reference).abs().max() <= 3e-2 * reference.abs().max()
 
 
 def test_train_py_with_gpu_fast_trains_and_saves(tmp_path):

@@ -1,15 +1,20 @@
-"""sample.py keeps what it wrote: npz files per seed range, and no mixing of two states of a checkpoint."""
+"""sample.py keeps what it wrote (npz files per seed range, no mixing of two states of a checkpoint or of two
+precisions), and its bf16 fast path rounds only the network."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from test_generate import HEUN, tiny_denoiser
 
 from edmlab import checkpoints
 from edmlab.cli.sample import CONFIG_DIR, run
-from edmlab.generation import generate, npz_name
+from edmlab.generation import generate, generate_batch, npz_name, with_precision
+from edmlab.networks.layers import Conv2d, set_attention
 
 
 def test_two_seed_ranges_into_one_outdir_keep_both_files(tmp_path):
@@ -24,10 +29,10 @@ def test_two_seed_ranges_into_one_outdir_keep_both_files(tmp_path):
     assert npz_name([3, 1]) != npz_name([1, 3]) and npz_name([1, 3]).startswith("samples-000001-000003-")
 
 
-def _cfg(ckpt, outdir, seeds: str):
+def _cfg(ckpt, outdir, seeds: str, extra: list[str] = ()):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("sample", overrides=[f"ckpt={ckpt}", f"seeds={seeds}", "num_steps=2", f"outdir={outdir}",
-                                            "progress=false", "device=cpu", "format=npz"])
+                                            "progress=false", "device=cpu", "format=npz", *extra])
 
 
 def test_rerun_after_the_checkpoint_changed_is_refused(tmp_path):
@@ -39,3 +44,50 @@ def test_rerun_after_the_checkpoint_changed_is_refused(tmp_path):
     checkpoints.save_denoiser(tiny_denoiser(label_dim=0, seed=1), ckpt, global_step=20)  # trained on
     with pytest.raises(ValueError, match=r"holds samples written with other settings \(checkpoint: .*global_step"):
         run(_cfg(ckpt, out, "8-11"))
+
+
+def _conv_and_denoiser_dtypes(denoiser, sampler) -> tuple[set, set, torch.Tensor]:
+    """(dtypes out of the network's convolutions, dtypes out of D, the samples) of one 2-seed batch."""
+    convs, ds = set(), set()
+    hooks = [m.register_forward_hook(lambda m, i, o: convs.add(o.dtype)) for m in denoiser.net.modules()
+             if isinstance(m, Conv2d)]
+    hooks.append(denoiser.register_forward_hook(lambda m, i, o: ds.add(o.dtype)))
+    with torch.no_grad():
+        images, _ = generate_batch(denoiser, [0, 1], sampler)
+    for h in hooks:
+        h.remove()
+    return convs, ds, images
+
+
+def test_bf16_sampling_rounds_the_network_alone():
+    """precision=bf16: convolutions run in bf16; D(x; sigma) keeps the solver's float64, the samples are float32."""
+    denoiser = tiny_denoiser(label_dim=0)
+    convs32, ds32, ref = _conv_and_denoiser_dtypes(denoiser, with_precision(HEUN, "cpu", "fp32"))
+    convs16, ds16, images = _conv_and_denoiser_dtypes(denoiser, with_precision(HEUN, "cpu", "bf16"))
+    assert convs32 == {torch.float32} and convs16 == {torch.bfloat16}
+    assert ds32 == ds16 == {torch.float64} and images.dtype == ref.dtype == torch.float32
+    err = float((images - ref).abs().max() / ref.abs().max())
+    assert 0 < err < 3e-2  # bf16 keeps 8 bits of mantissa: a few 2^-8 of rounding over 3 Heun steps
+    assert with_precision(HEUN, "cpu", "fp32") is HEUN
+    with pytest.raises(ValueError, match="precision='fp16': use one of fp32 | bf16"):
+        with_precision(HEUN, "cpu", "fp16")
+
+
+def test_sample_py_fast_path_writes_near_fp32_pixels_and_guards_its_folder(tmp_path):
+    ckpt = tmp_path / "last_ema.pt"
+    checkpoints.save_denoiser(tiny_denoiser(label_dim=0), ckpt, global_step=10)
+    fast = ["precision=bf16", "channels_last=true", "attention=sdpa"]
+    run(_cfg(ckpt, tmp_path / "fp32", "0-3"))
+    try:
+        run(_cfg(ckpt, tmp_path / "fast", "0-3", fast))
+    finally:
+        set_attention("einsum")  # a process-wide switch: later tests get EDM's attention
+    with np.load(tmp_path / "fp32" / npz_name(range(4))) as a, np.load(tmp_path / "fast" / npz_name(range(4))) as b:
+        diff = np.abs(a["images"].astype(int) - b["images"].astype(int))
+    # bf16 took effect, and moved few pixels (this random net saturates, so a moved pixel can move far)
+    assert diff.any() and (diff > 8).mean() < 0.05 and diff.mean() < 2
+    settings = json.loads((tmp_path / "fast" / "sample_settings.json").read_text())
+    assert settings["precision"] == "bf16"
+    assert "precision" not in json.loads((tmp_path / "fp32" / "sample_settings.json").read_text())
+    with pytest.raises(ValueError, match=r"holds samples written with other settings \(precision"):
+        run(_cfg(ckpt, tmp_path / "fast", "4-7"))  # fp32 into the bf16 folder

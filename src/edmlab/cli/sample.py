@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from edmlab.checkpoints import CKPT_DIR, Loaded, load_any
 from edmlab.cli.resolvers import register, repo_root
 from edmlab.dist import distributed_env, local_rank
-from edmlab.generation import GenerateResult, generate, parse_seeds
+from edmlab.generation import GenerateResult, generate, parse_seeds, with_precision
 from edmlab.guidance import guided
 
 __all__ = ["main", "run", "resolve_device", "ckpt_name", "checkpoint_identity", "CONFIG_DIR"]
@@ -112,10 +112,14 @@ def run(cfg: DictConfig) -> GenerateResult:
     guide = (load_any(cfg.guide, map_location=device, verify=bool(cfg.get("verify_hash", True)))
              if cfg.get("guide") else None)
     interval = list(cfg.guidance_interval) if cfg.get("guidance_interval") is not None else None
+    if cfg.get("channels_last"):  # NHWC convolution weights: what GPU convolutions run fastest on
+        for model in (loaded, guide) if guide else (loaded,):
+            model.denoiser.to(memory_format=torch.channels_last)
     denoiser = guided(loaded.denoiser, float(cfg.get("guidance", 1.0)), guide=guide.denoiser if guide else None,
                       interval=interval)
     sampler_cfg = _sampler_config(cfg, loaded.path)
-    sampler = _decoding(instantiate(sampler_cfg), cfg, loaded)
+    precision = str(cfg.get("precision", "fp32"))
+    sampler = _decoding(with_precision(instantiate(sampler_cfg), device, precision), cfg, loaded)  # decode in fp32
     shape = list(cfg.shape) if cfg.get("shape") is not None else None
     class_labels: Any = cfg.class_labels
     # What fixes the pixels: a resumed run must agree (batch size, ranks and format do not change them).
@@ -126,6 +130,8 @@ def run(cfg: DictConfig) -> GenerateResult:
     if float(cfg.get("guidance", 1.0)) != 1:  # guidance = 1 is the unguided sampler: older folders stay valid
         settings["guidance"] = {"w": float(cfg.guidance), "interval": interval,
                                 "guide": str(guide.path.resolve()) if guide else None}
+    if precision != "fp32":  # bf16 rounding moves pixels; fp32 folders from before this setting stay valid
+        settings["precision"] = precision
     if rank == 0:
         log.info(f"{cfg.ckpt}: {type(denoiser.net).__name__}, precond {denoiser.precond.name}, label_dim "
                  f"{denoiser.label_dim}; {len(seeds)} seed(s) on {world_size} process(es), {device}; {solver}")

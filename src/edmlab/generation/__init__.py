@@ -5,7 +5,8 @@ The seams, in the order data flows through them:
 - `batches`: `generate_batch` (one batch) and `iterate_batches` (a rank's stream of `Batch`es);
 - `pixels`: `to_uint8`, EDM's one conversion of samples to 8-bit pixels;
 - `writers`: where a rank's batches go (PNGs, npz, one grid picture), what is already there, the manifest;
-- `grid`: image grids and the training preview's samples.
+- `grid`: image grids and the training preview's samples;
+- `precision`: `with_precision`, a sampler whose network runs under bf16 autocast (the GPU fast path).
 `generate` joins them: manifest check, a writer, the iterator, the writer closed.
 
 Image k depends only on seed k and the settings. Batches are consecutive chunks of the seed list and rank r
@@ -30,11 +31,13 @@ import torch
 from edmlab.console import progress as progress_bar
 from edmlab.generation.batches import Batch, Sampler, data_shape, generate_batch, iterate_batches
 from edmlab.generation.pixels import to_uint8
+from edmlab.generation.precision import PRECISIONS, with_precision
 from edmlab.generation.seeds import ClassLabels, SeedGenerator, batches_for_rank, draw_labels, parse_seeds
 from edmlab.generation.writers import check_manifest, npz_name, open_writer, png_path
 
 __all__ = ["parse_seeds", "batches_for_rank", "SeedGenerator", "draw_labels", "Batch", "generate_batch",
-           "iterate_batches", "to_uint8", "png_path", "npz_name", "data_shape", "generate", "GenerateResult"]
+           "iterate_batches", "to_uint8", "png_path", "npz_name", "data_shape", "generate", "GenerateResult",
+           "PRECISIONS", "with_precision"]
 
 log = logging.getLogger(__name__)
 
