@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from edmlab.data import ArrayImageDataset
-from edmlab.generation import generate_batch, to_uint8
+from edmlab.generation import generate_batch, to_uint8, with_precision
 from edmlab.metrics.fid import frechet_distance
 from edmlab.networks import build
 from edmlab.precond import Denoiser
@@ -49,10 +49,10 @@ def real_images(n: int = 40) -> ArrayImageDataset:
     return ArrayImageDataset(images, np.arange(n) % 3, label_dim=3, name="random 8x8")
 
 
-def direct_fid(denoiser, dataset, seeds, batch: int) -> float:
+def direct_fid(denoiser, dataset, seeds, batch: int, sampler=HEUN) -> float:
     """The same FID by hand: EDM's seeds, uint8 images, np.cov statistics of the stand-in features."""
     feats = PixelFeatures()
-    images = torch.cat([to_uint8(generate_batch(denoiser, seeds[i:i + batch], HEUN)[0])
+    images = torch.cat([to_uint8(generate_batch(denoiser, seeds[i:i + batch], sampler)[0])
                         for i in range(0, len(seeds), batch)])
     a = feats(images).double().numpy()
     b = feats(torch.from_numpy(dataset.images)).double().numpy()
@@ -205,10 +205,20 @@ def test_guided_fid_is_the_fid_of_guided_samples(tmp_path):
     assert fid != pytest.approx(direct_fid(denoiser, dataset, list(range(3, 15)), batch=5), rel=1e-3)
 
 
+def test_bf16_fid_is_the_fid_of_bf16_samples(tmp_path):
+    dataset, denoiser = real_images(), tiny_denoiser()
+    cb = FIDCallback(HEUN, every_kimg=None, num=12, ref=tmp_path / "ref.npz", batch_size=5, seed=3,
+                     detector=PixelFeatures(), precision="bf16")
+    fid = cb.score(*fake_run(dataset, denoiser, [RecordingLogger()]))
+    bf16 = with_precision(HEUN, "cpu", "bf16")
+    np.testing.assert_allclose(fid, direct_fid(denoiser, dataset, list(range(3, 15)), 5, bf16), rtol=1e-7)
+    assert fid != direct_fid(denoiser, dataset, list(range(3, 15)), batch=5)  # the samples were bf16's
+
+
 def test_fid_settings_are_checked_at_start_up(tmp_path, monkeypatch):
     from edmlab.metrics.inception import InceptionWeightsError
 
-    for bad in (dict(batch_size=0), dict(every_kimg=0), dict(num=1)):
+    for bad in (dict(batch_size=0), dict(every_kimg=0), dict(num=1), dict(precision="fp16")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             FIDCallback(HEUN, **bad)
     unconditional = SimpleNamespace(label_dim=0)

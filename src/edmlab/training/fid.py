@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from edmlab.dist import distributed_env
-from edmlab.generation import iterate_batches, to_uint8
+from edmlab.generation import iterate_batches, to_uint8, with_precision
 from edmlab.guidance import guided
 from edmlab.metrics.fid import FeatureStats, Stats, frechet_distance, load_stats, save_stats, select_subset
 from edmlab.training.progress import StepCallback
@@ -96,6 +96,7 @@ class FIDCallback(StepCallback):
                  detector: torch.nn.Module | None = None,   # feature network (None: the FID Inception-v3)
                  guidance: float = 1.0,                     # w of edmlab.guidance (1: the unguided sampler)
                  guidance_interval: Sequence[float] | None = None,  # (sigma_lo, sigma_hi]: w only there
+                 precision: str = "fp32",                   # fp32 | bf16: the network under bf16 autocast
                  ) -> None:
         if num < 2:
             raise ValueError(f"FIDCallback num={num}: FID needs at least 2 samples")
@@ -103,6 +104,8 @@ class FIDCallback(StepCallback):
             raise ValueError(f"callbacks.fid.batch_size={batch_size}: must be >= 1")
         if every_kimg is not None and not every_kimg > 0:
             raise ValueError(f"callbacks.fid.every_kimg={every_kimg}: must be > 0 (null: only at the end)")
+        with_precision(sampler, "cpu", precision)  # an unknown precision fails at start-up, naming the choices
+        self.precision = precision
         self.guidance = float(guidance)
         self.guidance_interval = tuple(guidance_interval) if guidance_interval is not None else None
         self.sampler, self.every_kimg, self.num = sampler, every_kimg, int(num)
@@ -166,7 +169,8 @@ class FIDCallback(StepCallback):
         denoiser.eval()
         try:
             guided_denoiser = guided(denoiser, self.guidance, interval=self.guidance_interval)
-            stats = sample_stats(guided_denoiser, self.sampler, detector, range(self.seed, self.seed + self.num),
+            sampler = with_precision(self.sampler, device, self.precision)
+            stats = sample_stats(guided_denoiser, sampler, detector, range(self.seed, self.seed + self.num),
                                  batch_size=self.batch_size, device=device, rank=rank, world=world)
         finally:
             denoiser.train(was_training)
