@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
     "digits (unet_small, 0.98M)": (["experiment=digits_edm"], (1, 8, 8), 10, 128, 128),
     "cifar_edm DDPM++ (55.7M)": (["experiment=cifar_edm"], (3, 32, 32), 10, 2, 64),
-    "ADM 64x64": (["experiment=cifar_edm", "network=adm", "model.augment_pipe=null"], (3, 64, 64), 1000, 2, 64),
     "Fashion (fashion_edm's unet_small)": (["experiment=fashion_edm", "~callbacks.fid"], (1, 32, 32), 10, 64, 128),
-}
+    "ADM 64x64": (["experiment=cifar_edm", "network=adm", "model.augment_pipe=null"], (3, 64, 64), 1000, 2, 64),
+}  # in this order, the slowest last: speed.py writes the report after each model
 SMALL = ("digits", "Fashion")  # many timed steps on CPU too
 FAST_BATCH = 256  # the GPU fast path's sampling batch (DDPM++ at 32x32 fills an H100 only at a few hundred)
 
