@@ -48,7 +48,8 @@ def write_report(device: torch.device, train: dict, sample: dict, e2e: dict | No
               "for 2 steps.", "",
               f"## Sampling ({NFE} NFE, Heun)", "",
               "Sampler overhead: the time generate() spends outside the network (solver steps, per-seed noise, "
-              "uint8 conversion, the npz write) over the time inside it, both clocked in the same call, median "
+              "uint8 conversion, the npz write; sample.py's PNGs are written in a background thread while the next "
+              "batch samples) over the time inside it, both clocked in the same call, median "
               "over rounds; the last column compares generate() with separately timed forwards instead, which "
               "carries the machine's load between the two timings.", "",
               f"| model | batch | edmlab.generation img/s | {NFE} x forward img/s | sampler overhead | "

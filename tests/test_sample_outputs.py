@@ -1,9 +1,10 @@
 """sample.py keeps what it wrote (npz files per seed range, no mixing of two states of a checkpoint or of two
-precisions), and its bf16 fast path rounds only the network."""
+precisions), writes files while the next batch samples, and its bf16 fast path rounds only the network."""
 
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from test_generate import HEUN, tiny_denoiser
 
 from edmlab import checkpoints
 from edmlab.cli.sample import CONFIG_DIR, run
-from edmlab.generation import generate, generate_batch, npz_name, with_precision
+from edmlab.generation import generate, generate_batch, npz_name, png_path, with_precision, writers
 from edmlab.networks.layers import Conv2d, set_attention
 
 
@@ -91,3 +92,34 @@ def test_sample_py_fast_path_writes_near_fp32_pixels_and_guards_its_folder(tmp_p
     assert "precision" not in json.loads((tmp_path / "fp32" / "sample_settings.json").read_text())
     with pytest.raises(ValueError, match=r"holds samples written with other settings \(precision"):
         run(_cfg(ckpt, tmp_path / "fast", "4-7"))  # fp32 into the bf16 folder
+
+
+def test_files_are_written_while_the_next_batch_samples(tmp_path, monkeypatch):
+    """Batch k's PNGs are encoded while batch k + 1 samples: batch 0's writer waits for batch 1's sampling."""
+    second_batch_sampling = threading.Event()
+    batches = []
+
+    def sampler(denoiser, latents, **kwargs):
+        batches.append(latents)
+        if len(batches) == 2:
+            second_batch_sampling.set()
+        return HEUN(denoiser, latents, **kwargs)
+
+    def save_png(pixels, path):
+        if path.name == "000000.png":  # written in sequence, this would wait for a batch never started
+            assert second_batch_sampling.wait(timeout=120), "batch 0's files were written before batch 1 sampled"
+        real_save_png(pixels, path)
+
+    real_save_png = writers.save_png
+    monkeypatch.setattr(writers, "save_png", save_png)
+    result = generate(tiny_denoiser(), range(6), tmp_path, sampler, batch_size=2, progress=False)
+    assert result.written == list(range(6)) and all(png_path(tmp_path, s).is_file() for s in range(6))
+
+
+def test_a_failing_write_stops_sampling_with_its_error(tmp_path, monkeypatch):
+    def full_disk(pixels, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writers, "save_png", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        generate(tiny_denoiser(), range(6), tmp_path, HEUN, batch_size=2, progress=False)

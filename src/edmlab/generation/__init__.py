@@ -7,7 +7,8 @@ The seams, in the order data flows through them:
 - `writers`: where a rank's batches go (PNGs, npz, one grid picture), what is already there, the manifest;
 - `grid`: image grids and the training preview's samples;
 - `precision`: `with_precision`, a sampler whose network runs under bf16 autocast (the GPU fast path).
-`generate` joins them: manifest check, a writer, the iterator, the writer closed.
+`generate` joins them: manifest check, a writer, the iterator, the writer closed; each batch's files are
+written in a background thread while the next batch samples.
 
 Image k depends only on seed k and the settings. Batches are consecutive chunks of the seed list and rank r
 of W takes every W-th batch, so an interrupted batch is recomputed whole: the written bytes do not depend on
@@ -18,10 +19,12 @@ kernels may round differently for different batch shapes (about 1e-7), which can
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,11 +86,24 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], outdir: str | os.P
                               skip=done)
     label = f"rank {rank}/{world_size}" if writer.world_size > 1 else "sampling"
     start = time.perf_counter()
-    with progress_bar(label, len(mine) - len(done), enabled=progress and rank == 0) as advance:
-        for batch in batches:
-            new = writer.write(batch)
+    with (progress_bar(label, len(mine) - len(done), enabled=progress and rank == 0) as advance,
+          ThreadPoolExecutor(max_workers=1, thread_name_prefix="edmlab-writer") as files):
+        def finish(writing: Future) -> None:  # the writer's errors surface here, in the sampling thread
+            new = writing.result()
             result.written += new
             advance(len(new))
+
+        writing = None
+        for batch in batches:
+            # The device's work on this batch ends with the copy; its files are written while the next batch
+            # samples (PNG encoding costs about as much as a fast GPU's sampling of the batch).
+            batch = dataclasses.replace(batch, images=batch.images.cpu(),
+                                        labels=None if batch.labels is None else batch.labels.cpu())
+            if writing is not None:
+                finish(writing)
+            writing = files.submit(writer.write, batch)
+        if writing is not None:
+            finish(writing)
     result.seconds = time.perf_counter() - start
     result.paths = writer.close()
     if result.written:
