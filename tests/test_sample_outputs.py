@@ -36,6 +36,12 @@ def _cfg(ckpt, outdir, seeds: str, extra: list[str] = ()):
                                             "progress=false", "device=cpu", "format=npz", *extra])
 
 
+def _pixel_diff(a, b, seeds) -> np.ndarray:
+    """|a - b| of the uint8 images two sample.py runs wrote as npz (same seeds)."""
+    with np.load(a / npz_name(seeds)) as x, np.load(b / npz_name(seeds)) as y:
+        return np.abs(x["images"].astype(int) - y["images"].astype(int))
+
+
 def test_rerun_after_the_checkpoint_changed_is_refused(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last_ema.pt"
     checkpoints.save_denoiser(tiny_denoiser(label_dim=0), ckpt, global_step=10)
@@ -83,8 +89,7 @@ def test_sample_py_fast_path_writes_near_fp32_pixels_and_guards_its_folder(tmp_p
         run(_cfg(ckpt, tmp_path / "fast", "0-3", fast))
     finally:
         set_attention("einsum")  # a process-wide switch: later tests get EDM's attention
-    with np.load(tmp_path / "fp32" / npz_name(range(4))) as a, np.load(tmp_path / "fast" / npz_name(range(4))) as b:
-        diff = np.abs(a["images"].astype(int) - b["images"].astype(int))
+    diff = _pixel_diff(tmp_path / "fp32", tmp_path / "fast", range(4))
     # bf16 took effect, and moved few pixels (this random net saturates, so a moved pixel can move far)
     assert diff.any() and (diff > 8).mean() < 0.05 and diff.mean() < 2
     settings = json.loads((tmp_path / "fast" / "sample_settings.json").read_text())
@@ -123,3 +128,23 @@ def test_a_failing_write_stops_sampling_with_its_error(tmp_path, monkeypatch):
     monkeypatch.setattr(writers, "save_png", full_disk)
     with pytest.raises(OSError, match="No space left on device"):
         generate(tiny_denoiser(), range(6), tmp_path, HEUN, batch_size=2, progress=False)
+
+
+@pytest.mark.slow
+def test_sample_py_with_a_compiled_network_writes_the_eager_pixels(tmp_path, monkeypatch):
+    """compile=true (torch.compile, 20-90 s on a CPU): the eager images up to float rounding."""
+    compiled, real_compile = [], torch.nn.Module.compile
+
+    def compile(module, **kwargs):
+        compiled.append(module)
+        real_compile(module, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile)
+    ckpt = tmp_path / "last_ema.pt"
+    checkpoints.save_denoiser(tiny_denoiser(label_dim=0), ckpt, global_step=10)
+    run(_cfg(ckpt, tmp_path / "eager", "0-3"))
+    assert compiled == []
+    run(_cfg(ckpt, tmp_path / "compiled", "0-3", ["compile=true"]))
+    assert [type(m).__name__ for m in compiled] == ["SongUNet"]  # the network, not the preconditioning
+    diff = _pixel_diff(tmp_path / "eager", tmp_path / "compiled", range(4))
+    assert (diff > 1).mean() < 0.05 and diff.mean() < 0.5  # fused kernels round differently: rarely a level apart

@@ -112,9 +112,11 @@ def run(cfg: DictConfig) -> GenerateResult:
     guide = (load_any(cfg.guide, map_location=device, verify=bool(cfg.get("verify_hash", True)))
              if cfg.get("guide") else None)
     interval = list(cfg.guidance_interval) if cfg.get("guidance_interval") is not None else None
-    if cfg.get("channels_last"):  # NHWC convolution weights: what GPU convolutions run fastest on
-        for model in (loaded, guide) if guide else (loaded,):
+    for model in (loaded, guide) if guide else (loaded,):
+        if cfg.get("channels_last"):  # NHWC convolution weights: what GPU convolutions run fastest on
             model.denoiser.to(memory_format=torch.channels_last)
+        if cfg.get("compile"):
+            model.denoiser.net.compile()
     denoiser = guided(loaded.denoiser, float(cfg.get("guidance", 1.0)), guide=guide.denoiser if guide else None,
                       interval=interval)
     sampler_cfg = _sampler_config(cfg, loaded.path)
