@@ -96,7 +96,7 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], outdir: str | os.P
         writing = None
         for batch in batches:
             # The device's work on this batch ends with the copy; its files are written while the next batch
-            # samples (PNG encoding costs about as much as a fast GPU's sampling of the batch).
+            # samples (a 32x32 PNG takes ~0.4 ms to encode and write: on a GPU, a sizeable share of its time).
             batch = dataclasses.replace(batch, images=batch.images.cpu(),
                                         labels=None if batch.labels is None else batch.labels.cpu())
             if writing is not None:

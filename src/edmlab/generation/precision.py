@@ -1,4 +1,4 @@
-"""Sampling precision: the network's convolutions and matmuls under bf16 autocast, the solver in float32."""
+"""Sampling precision: the network's convolutions and matmuls under bf16 autocast, the solver's state as it was."""
 
 from __future__ import annotations
 
