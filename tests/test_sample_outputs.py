@@ -95,7 +95,7 @@ def test_sample_py_fast_path_writes_near_fp32_pixels_and_guards_its_folder(tmp_p
     settings = json.loads((tmp_path / "fast" / "sample_settings.json").read_text())
     assert settings["precision"] == "bf16"
     assert "precision" not in json.loads((tmp_path / "fp32" / "sample_settings.json").read_text())
-    with pytest.raises(ValueError, match=r"holds samples written with other settings \(precision"):
+    with pytest.raises(ValueError, match=r"other settings \(precision: 'bf16' there, the default now\)"):
         run(_cfg(ckpt, tmp_path / "fast", "4-7"))  # fp32 into the bf16 folder
 
 

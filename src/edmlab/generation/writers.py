@@ -196,6 +196,11 @@ def _npz_seeds(path: Path) -> list[int]:
         return f["seeds"].tolist()
 
 
+def _shown(settings: Mapping[str, Any], key: str) -> str:
+    """A setting as the manifest error names it; settings such as guidance are stored only off their default."""
+    return repr(settings[key]) if key in settings else "the default"
+
+
 def check_manifest(outdir: Path, settings: Mapping[str, Any] | None, rank: int) -> None:
     """Refuse to resume into a folder written with other settings (skipped seeds would not match)."""
     if settings is None:
@@ -204,7 +209,7 @@ def check_manifest(outdir: Path, settings: Mapping[str, Any] | None, rank: int) 
     settings = json.loads(json.dumps(settings, default=str))
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = [f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in sorted(set(old) | set(settings))
+        diff = [f"{k}: {_shown(old, k)} there, {_shown(settings, k)} now" for k in sorted(set(old) | set(settings))
                 if old.get(k) != settings.get(k)]
         if diff:
             raise ValueError(f"{outdir} holds samples written with other settings ({'; '.join(diff)}). Choose "
