@@ -235,16 +235,13 @@ def _time_sampling(denoiser, sampler, batch: int, shape, label_dim: int, device:
 
     x = torch.randn(batch, *shape, device=device)
     labels = torch.eye(label_dim, device=device)[torch.arange(batch, device=device) % label_dim]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen, net, inside = [], [], []
     forward, clock = denoiser.forward, [0.0]
 
     def timed_forward(*args, **kwargs):  # clocks the network inside generate(): the rest is the sampler's
-        sync()
-        t = time.perf_counter()
+        t = sync_clock(device)
         out = forward(*args, **kwargs)
-        sync()
-        clock[0] += time.perf_counter() - t
+        clock[0] += sync_clock(device) - t
         return out
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast)  # the forwards as the sampler runs them
@@ -253,20 +250,17 @@ def _time_sampling(denoiser, sampler, batch: int, shape, label_dim: int, device:
             denoiser(x, torch.full((batch,), 1.0, device=device), labels)
         for r in range(rounds):
             denoiser.forward, clock[0] = timed_forward, 0.0
-            sync()
-            t0 = time.perf_counter()
+            t0 = sync_clock(device)
             generate(denoiser, list(range(r * batch, (r + 1) * batch)), tmp / str(r), sampler,
                      batch_size=batch, class_labels="all", format="npz", device=device, progress=False)
-            sync()
-            gen.append(time.perf_counter() - t0)
+            gen.append(sync_clock(device) - t0)
             inside.append(clock[0])
             denoiser.forward = forward
-            t0 = time.perf_counter()
+            t0 = sync_clock(device)
             with autocast:
                 for _ in range(NFE):
                     denoiser(x, torch.full((batch,), 1.0, device=device), labels)
-            sync()
-            net.append(time.perf_counter() - t0)
+            net.append(sync_clock(device) - t0)
     g, n = statistics.median(gen), statistics.median(net)
     return {"batch": batch, "gen_img_s": batch / g, "net_img_s": batch / n, "overhead_vs_forwards": g / n - 1,
             "overhead": statistics.median(a / b - 1 for a, b in zip(gen, inside, strict=True))}

@@ -53,7 +53,7 @@ def test_sample_py_generates_without_importing_lightning(tmp_path):
     ckpt = checkpoints.save_denoiser(Denoiser(net), tmp_path / "tiny.pt")
     outdir = tmp_path / "out"
     loaded = _packages_loaded("sample.py", f"ckpt={ckpt}", "seeds=0-1", "num_steps=2", "device=cpu",
-                                       f"outdir={outdir}", "progress=false")
+                              f"outdir={outdir}", "progress=false")
     assert "torch" in loaded and not loaded & {"lightning", "pytorch_lightning"}
     images = [np.asarray(PIL.Image.open(outdir / "000000" / f"{s:06d}.png")) for s in (0, 1)]
     assert [im.shape for im in images] == [(8, 8), (8, 8)]

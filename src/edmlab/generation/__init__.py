@@ -34,13 +34,13 @@ import torch
 from edmlab.console import progress as progress_bar
 from edmlab.generation.batches import Batch, Sampler, data_shape, generate_batch, iterate_batches
 from edmlab.generation.pixels import to_uint8
-from edmlab.generation.precision import PRECISIONS, with_precision
+from edmlab.generation.precision import PRECISIONS, autocast_dtype, with_precision
 from edmlab.generation.seeds import ClassLabels, SeedGenerator, batches_for_rank, draw_labels, parse_seeds
 from edmlab.generation.writers import check_manifest, npz_name, open_writer, png_path
 
 __all__ = ["parse_seeds", "batches_for_rank", "SeedGenerator", "draw_labels", "Batch", "generate_batch",
            "iterate_batches", "to_uint8", "png_path", "npz_name", "data_shape", "generate", "GenerateResult",
-           "PRECISIONS", "with_precision"]
+           "PRECISIONS", "autocast_dtype", "with_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ def generate(denoiser: torch.nn.Module, seeds: Sequence[int], outdir: str | os.P
     start = time.perf_counter()
     with (progress_bar(label, len(mine) - len(done), enabled=progress and rank == 0) as advance,
           ThreadPoolExecutor(max_workers=1, thread_name_prefix="edmlab-writer") as files):
-        def finish(writing: Future) -> None:  # the writer's errors surface here, in the sampling thread
-            new = writing.result()
+        def finish(job: Future) -> None:  # the writer's errors surface here, in the sampling thread
+            new = job.result()
             result.written += new
             advance(len(new))
 

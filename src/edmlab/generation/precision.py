@@ -6,9 +6,16 @@ import torch
 
 from edmlab.generation.batches import Sampler
 
-__all__ = ["PRECISIONS", "with_precision"]
+__all__ = ["PRECISIONS", "autocast_dtype", "with_precision"]
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a `precision` name (None: fp32, no autocast); an unknown name names the choices."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: use one of {' | '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
 
 
 def with_precision(sampler: Sampler, device: torch.device | str, precision: str = "fp32") -> Sampler:
@@ -18,9 +25,7 @@ def with_precision(sampler: Sampler, device: torch.device | str, precision: str 
     float32; the preconditioning's scalings and every solver update are elementwise, so D(x; sigma), the
     solver's state (float64 in EDM's solvers) and the samples keep their dtypes: only the network rounds.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: use one of {' | '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
+    dtype = autocast_dtype(precision)
     if dtype is None:
         return sampler
 

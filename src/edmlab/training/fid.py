@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from edmlab.dist import distributed_env
-from edmlab.generation import iterate_batches, to_uint8, with_precision
+from edmlab.generation import autocast_dtype, iterate_batches, to_uint8, with_precision
 from edmlab.guidance import guided
 from edmlab.metrics.fid import FeatureStats, Stats, frechet_distance, load_stats, save_stats, select_subset
 from edmlab.training.progress import StepCallback
@@ -104,7 +104,7 @@ class FIDCallback(StepCallback):
             raise ValueError(f"callbacks.fid.batch_size={batch_size}: must be >= 1")
         if every_kimg is not None and not every_kimg > 0:
             raise ValueError(f"callbacks.fid.every_kimg={every_kimg}: must be > 0 (null: only at the end)")
-        with_precision(sampler, "cpu", precision)  # an unknown precision fails at start-up, naming the choices
+        autocast_dtype(precision)  # an unknown precision fails at start-up, naming the choices
         self.precision = precision
         self.guidance = float(guidance)
         self.guidance_interval = tuple(guidance_interval) if guidance_interval is not None else None
