@@ -1,4 +1,5 @@
-"""Run folders: unique even for runs started in the same second; a folder in use refuses a second run."""
+"""Run folders: unique even for runs started in the same second; a folder in use refuses a second run; the
+run's log file and console carry each line once."""
 
 from __future__ import annotations
 
@@ -55,6 +56,19 @@ def test_two_runs_started_together_get_their_own_folders(tmp_path):
     lrs = sorted((run / ".hydra" / "config.yaml").read_text().split("lr: ")[1].split()[0] for run in runs)
     assert lrs == ["0.001", "0.002"]  # each folder's .hydra/ describes its own run
     assert all((run / "checkpoints" / "last.ckpt").is_file() for run in runs)
+
+
+def test_each_lightning_line_is_printed_once_and_lands_in_the_run_log(tmp_path):
+    env = {**_env(), "EDMLAB_RUN_STAMP": "quiet", "PYTHONWARNINGS": "default"}
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *TOY, f"paths.log_dir={tmp_path}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = done.stdout + done.stderr
+    assert console.count("GPU available: False") == 1, console[-3000:]
+    assert console.count("`Trainer.fit` stopped") == 1
+    run_log = (tmp_path / "toy2d" / "runs" / "quiet" / "toy2d.log").read_text()
+    assert "GPU available: False" in run_log and "`Trainer.fit` stopped" in run_log
+    assert "litlogger" not in console and "LeafSpec" not in console
 
 
 def test_second_run_on_a_folder_in_use_refuses_naming_the_first(tmp_path):

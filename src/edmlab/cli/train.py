@@ -152,7 +152,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
         load_training_checkpoint,
         resolve,
     )
-    from edmlab.cli.extras import apply_extras
+    from edmlab.cli.extras import apply_extras, quiet_lightning
     from edmlab.cli.validate import check_callbacks, check_types
     from edmlab.training.checkpoint import sync_export
     from edmlab.training.progress import stopped_by_signal
@@ -163,6 +163,7 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     _share_run_dir_with_ranks(output_dir)
     apply_extras(cfg)
+    quiet_lightning()
     if cfg.get("seed") is not None:
         import lightning as L
 
