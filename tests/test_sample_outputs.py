@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from test_generate import HEUN, tiny_denoiser
 
 from edmlab import checkpoints
-from edmlab.cli.sample import CONFIG_DIR, run
+from edmlab.cli.sample import CONFIG_DIR, _described, run
 from edmlab.generation import generate, generate_batch, npz_name, png_path, with_precision, writers
 from edmlab.networks.layers import Conv2d, set_attention
 
@@ -64,6 +64,12 @@ def _conv_and_denoiser_dtypes(denoiser, sampler) -> tuple[set, set, torch.Tensor
     for h in hooks:
         h.remove()
     return convs, ds, images
+
+
+def test_the_start_line_names_the_sampler_settings_readably():
+    solver = {"solver": "heun", "num_steps": 18, "sigma_min": None,
+              "process": {"_target_": "edmlab.process.get", "name": "edm", "sigma_min": 0.002, "sigma_max": 80.0}}
+    assert _described(solver) == "solver=heun, num_steps=18, process=edm(sigma_min=0.002, sigma_max=80.0)"
 
 
 def test_bf16_sampling_rounds_the_network_alone():

@@ -96,6 +96,17 @@ def _decoding(sampler, cfg: DictConfig, loaded: Loaded):
     return lambda *args, **kwargs: encoder.decode(sampler(*args, **kwargs))
 
 
+def _described(settings: dict[str, Any]) -> str:
+    """`solver=heun, num_steps=18, process=edm(sigma_min=0.002, sigma_max=80.0)`: unset keys left out."""
+    def value(v: Any) -> str:
+        if isinstance(v, dict):
+            inner = {k: x for k, x in v.items() if not k.startswith("_") and k != "name"}
+            return f"{v.get('name', '')}({_described(inner)})"
+        return str(v)
+
+    return ", ".join(f"{k}={value(v)}" for k, v in settings.items() if v is not None)
+
+
 def run(cfg: DictConfig) -> GenerateResult:
     """Everything `python sample.py` does, given a composed config."""
     from hydra.utils import instantiate
@@ -136,7 +147,8 @@ def run(cfg: DictConfig) -> GenerateResult:
         settings["precision"] = precision
     if rank == 0:
         log.info(f"{cfg.ckpt}: {type(denoiser.net).__name__}, precond {denoiser.precond.name}, label_dim "
-                 f"{denoiser.label_dim}; {len(seeds)} seed(s) on {world_size} process(es), {device}; {solver}")
+                 f"{denoiser.label_dim}; {len(seeds)} seed(s) on {world_size} process(es), {device}; "
+                 f"{_described(solver)}")
     return generate(denoiser, seeds, cfg.outdir, sampler, batch_size=int(cfg.batch_size), class_labels=class_labels,
                     format=str(cfg.format), grid=bool(cfg.grid), device=device, shape=shape, rank=rank,
                     world_size=world_size, settings=settings, progress=bool(cfg.progress))
