@@ -161,7 +161,7 @@ def test_training_forward_normalises_every_weight_and_builds_from_config():
 
 def test_augment_labels_enter_through_a_zero_gain():
     net = build("edm2", augment_dim=9, **TINY).eval()
-    assert "emb_augment.weight" in net.state_dict() and float(net.augment_gain) == 0
+    assert "emb_augment.weight" in net.state_dict() and float(net.augment_gain.detach()) == 0
     with torch.no_grad():
         net.out_gain.fill_(1.0)
         x, c_noise, augment = torch.randn(2, 3, 8, 8), torch.zeros(2), torch.randn(2, 9)
